@@ -1,0 +1,122 @@
+"""Scaled dot-product attention with selectable implementations, and the UNet `Attention` module whose
+cross-attention carries the decoupled IP-Adapter branch (`to_k_ip`/`to_v_ip`, one pair per adapter)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models.ip_conditioning import IPConditioning, downsample_mask
+from ipadapter_jax.models.layers import IPAdapterParam, Linear
+
+Implementation = Literal["auto", "xla", "chunked", "cudnn"]
+_CHUNK = 1024  # query rows per block in the chunked path
+
+
+def _plain(q_BLHD, k_BSHD, v_BSHD):
+    scale = jnp.asarray(q_BLHD.shape[-1] ** -0.5, q_BLHD.dtype)
+    logits = jnp.einsum("blhd,bshd->bhls", q_BLHD * scale, k_BSHD, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSHD.dtype)
+    return jnp.einsum("bhls,bshd->blhd", probs, v_BSHD, preferred_element_type=jnp.float32).astype(q_BLHD.dtype)
+
+
+def _chunked(q_BLHD, k_BSHD, v_BSHD):
+    """Long self-attention for XLA:CPU: one (batch, head) and 1024 query rows at a time, exact softmax.
+
+    XLA:CPU fuses the full QK^T -> softmax -> PV chain badly at 4096 tokens; small per-block matmuls with an
+    explicit max subtraction run several times faster and never materialise the whole score tensor.
+    """
+    b, l, h, d = q_BLHD.shape
+    chunk = _CHUNK if l % _CHUNK == 0 else l
+    scale = jnp.asarray(d**-0.5, q_BLHD.dtype)
+    q = jnp.transpose(q_BLHD * scale, (0, 2, 1, 3)).reshape(b * h, l // chunk, chunk, d)
+    k = jnp.transpose(k_BSHD, (0, 2, 1, 3)).reshape(b * h, -1, d)
+    v = jnp.transpose(v_BSHD, (0, 2, 1, 3)).reshape(b * h, -1, d)
+
+    def one_head(args):
+        q_NCD, k_SD, v_SD = args
+
+        def one_chunk(q_CD):
+            s = jnp.dot(q_CD, k_SD.T, preferred_element_type=jnp.float32)
+            p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+            o = jnp.dot(p.astype(v_SD.dtype), v_SD, preferred_element_type=jnp.float32)
+            return (o / p.sum(axis=-1, keepdims=True)).astype(q_CD.dtype)
+
+        return jax.lax.map(one_chunk, q_NCD)
+
+    out = jax.lax.map(one_head, (q, k, v))
+    return jnp.transpose(out.reshape(b, h, l, d), (0, 2, 1, 3))
+
+
+def attention(q_BLHD, k_BSHD, v_BSHD, implementation: Implementation = "auto"):
+    """softmax(q k^T / sqrt(d)) v over heads; every implementation gives the same numbers to rounding."""
+    if implementation == "auto":
+        backend = jax.default_backend()
+        if backend == "gpu" and q_BLHD.dtype in (jnp.bfloat16, jnp.float16):
+            implementation = "cudnn"
+        elif backend == "cpu" and q_BLHD.shape[1] * k_BSHD.shape[1] >= 2048 * 2048:
+            implementation = "chunked"
+        else:
+            implementation = "xla"
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+    if implementation == "chunked":
+        return _chunked(q_BLHD, k_BSHD, v_BSHD)
+    if implementation == "xla":
+        return _plain(q_BLHD, k_BSHD, v_BSHD)
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+class Attention(nnx.Module):
+    """diffusers' `Attention` as used in the UNet: `to_q`, `to_k`, `to_v`, `to_out.0`; in cross-attention also
+    one `to_k_ip.i`/`to_v_ip.i` pair per IP-Adapter, whose outputs are added with a per-call scale."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, *, cross_attention_dim: int | None = None,
+                 bias: bool = False, out_bias: bool = True, num_ip_adapters: int = 0, ip_layer: int = -1,
+                 attention_impl: Implementation = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = heads * dim_head
+        context_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_k = Linear(context_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_v = Linear(context_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_out = nnx.List([Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)])
+        ip = dict(use_bias=False, dtype=dtype, rngs=rngs, param_type=IPAdapterParam)
+        self.to_k_ip = nnx.List([Linear(context_dim, inner, **ip) for _ in range(num_ip_adapters)])
+        self.to_v_ip = nnx.List([Linear(context_dim, inner, **ip) for _ in range(num_ip_adapters)])
+        self.ip_layer = ip_layer  # this layer's index in the official `ip_adapter.<2i+1>` numbering order
+        self.attention_impl = attention_impl
+
+    def _heads(self, x_BLC):
+        return x_BLC.reshape(*x_BLC.shape[:2], self.heads, -1)
+
+    def __call__(self, x_BLC, context_BSC=None, *, ip: IPConditioning | None = None, spatial: tuple | None = None):
+        context = x_BLC if context_BSC is None else context_BSC
+        q = self._heads(self.to_q(x_BLC))
+        out = attention(q, self._heads(self.to_k(context)), self._heads(self.to_v(context)), self.attention_impl)
+        if ip is not None and len(self.to_k_ip):
+            out = out + self._image_branch(q, ip, spatial)
+        return self.to_out[0](out.reshape(*x_BLC.shape[:2], -1))
+
+    def _image_branch(self, q_BLHD, ip: IPConditioning, spatial):
+        """Sum over adapters of scale * attention(q, image tokens); masked images attend one at a time."""
+        if len(ip.tokens) != len(self.to_k_ip):
+            raise ValueError(f"the UNet holds {len(self.to_k_ip)} IP-Adapters but {len(ip.tokens)} were given")
+        total = jnp.zeros_like(q_BLHD)
+        for a, (tokens_BNTC, scale, mask) in enumerate(zip(ip.tokens, ip.scales, ip.masks, strict=True)):
+            to_k, to_v = self.to_k_ip[a], self.to_v_ip[a]
+            layer_scale = scale[self.ip_layer].astype(q_BLHD.dtype)
+            if mask is None:
+                tokens = tokens_BNTC.reshape(tokens_BNTC.shape[0], -1, tokens_BNTC.shape[-1])
+                o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
+                total = total + layer_scale * o
+                continue
+            mask_BNL = downsample_mask(mask, q_BLHD.shape[1], spatial).astype(q_BLHD.dtype)
+            for j in range(tokens_BNTC.shape[1]):
+                tokens = tokens_BNTC[:, j]
+                o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
+                total = total + layer_scale[j] * o * mask_BNL[:, j, :, None, None]
+        return total

@@ -1,0 +1,136 @@
+"""Leaf layers shared by every model: Linear, Conv2d, GroupNorm, LayerNorm, Embed, activations.
+
+Parameters are stored in the dtype chosen at load time. Matmuls and convolutions accumulate in float32
+(on CPU a bfloat16 matmul with a bfloat16 result is several times slower than one accumulating in float32)
+and normalisations compute in float32; outputs return to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class IPAdapterParam(nnx.Param):
+    """A trainable IP-Adapter weight (image projection, `to_k_ip`/`to_v_ip`): select by type, never by name."""
+
+
+def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype):
+    # PyTorch's default Linear/Conv init, so adapters trained from scratch start as the official code does.
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _accumulate(x: jax.Array) -> jnp.dtype | None:
+    return jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs, param_type: type[nnx.Param] = nnx.Param):
+        bound = 1.0 / math.sqrt(in_features)
+        self.kernel = param_type(_uniform(rngs, (in_features, out_features), bound, dtype))
+        self.bias = param_type(_uniform(rngs, (out_features,), bound, dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(x.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=_accumulate(x))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(x.dtype)
+
+
+class Conv2d(nnx.Module):
+    """NHWC convolution with an HWIO kernel (PyTorch OIHW on disk)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int = 0, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.kernel = nnx.Param(_uniform(rngs, (kernel_size, kernel_size, in_channels, out_channels), bound, dtype))
+        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, dtype)) if use_bias else None
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(x_BHWC.dtype)
+        if kernel.shape[:2] == (1, 1) and self.stride == 1:
+            y = jax.lax.dot_general(x_BHWC, kernel[0, 0], (((3,), (0,)), ((), ())),
+                                    preferred_element_type=_accumulate(x_BHWC))
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x_BHWC, kernel, (self.stride, self.stride), [(p, p), (p, p)],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulate(x_BHWC),
+            )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(x_BHWC.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over a channels-last tensor, statistics in float32 (as torch computes them)."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs=None):
+        del rngs
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+        self.num_groups = num_groups
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        centered = g - mean
+        var = jnp.mean(jnp.square(centered), axis=(1, 3), keepdims=True)
+        y = (centered * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_affine: bool = True, dtype=jnp.float32, rngs=None,
+                 param_type: type[nnx.Param] = nnx.Param):
+        del rngs
+        self.scale = param_type(jnp.ones((dim,), dtype)) if use_affine else None
+        self.bias = param_type(jnp.zeros((dim,), dtype)) if use_affine else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param((jax.random.normal(rngs.params(), (num_embeddings, dim)) * 0.02).astype(dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch's nn.GELU() and diffusers' "gelu"."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+    table = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": gelu, "quick_gelu": quick_gelu,
+             "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
+    if name not in table:
+        from ipadapter_jax.errors import ConfigError
+
+        raise ConfigError(f"activation {name!r} is not supported (supported: {', '.join(sorted(table))}).")
+    return table[name]

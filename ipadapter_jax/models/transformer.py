@@ -1,0 +1,80 @@
+"""The UNet's spatial transformer (diffusers `Transformer2DModel`, `BasicTransformerBlock`, GEGLU feed-forward)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models.attention import Attention, Implementation
+from ipadapter_jax.models.ip_conditioning import IPConditioning
+from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu
+
+
+class Placeholder(nnx.Module):
+    """A parameter-free slot (dropout in PyTorch) that keeps list indices equal to the checkpoint's."""
+
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = Linear(dim, inner * 2, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * gelu(gate)
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), Placeholder(),
+                             Linear(inner, dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, *, cross_attention_dim: int, only_cross_attention: bool,
+                 num_ip_adapters: int, ip_layer: int, attention_impl: Implementation, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        common = dict(attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, dtype=dtype)
+        self.attn1 = Attention(dim, heads, dim_head,
+                               cross_attention_dim=cross_attention_dim if only_cross_attention else None, **common)
+        self.norm2 = LayerNorm(dim, dtype=dtype)
+        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim=cross_attention_dim,
+                               num_ip_adapters=num_ip_adapters, ip_layer=ip_layer, **common)
+        self.norm3 = LayerNorm(dim, dtype=dtype)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.only_cross_attention = only_cross_attention
+
+    def __call__(self, x_BLC, context_BSC, ip: IPConditioning | None, spatial):
+        x_BLC = x_BLC + self.attn1(self.norm1(x_BLC), context_BSC if self.only_cross_attention else None)
+        x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), context_BSC, ip=ip, spatial=spatial)
+        return x_BLC + self.ff(self.norm3(x_BLC))
+
+
+class Transformer2DModel(nnx.Module):
+    def __init__(self, channels: int, heads: int, *, num_layers: int, cross_attention_dim: int,
+                 use_linear_projection: bool, only_cross_attention: bool, norm_groups: int = 32,
+                 num_ip_adapters: int, first_ip_layer: int, attention_impl: Implementation,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm = GroupNorm(norm_groups, channels, eps=1e-6, dtype=dtype)
+        proj = (lambda: Linear(channels, channels, dtype=dtype, rngs=rngs)) if use_linear_projection else (
+            lambda: Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs))
+        self.proj_in = proj()
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim=cross_attention_dim,
+                                  only_cross_attention=only_cross_attention, num_ip_adapters=num_ip_adapters,
+                                  ip_layer=first_ip_layer + i, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+            for i in range(num_layers)
+        ])
+        self.proj_out = proj()
+
+    def __call__(self, x_BHWC: jax.Array, context_BSC: jax.Array, ip: IPConditioning | None = None) -> jax.Array:
+        b, h, w, c = x_BHWC.shape
+        hidden = self.proj_in(self.norm(x_BHWC)).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context_BSC, ip, (h, w))
+        return self.proj_out(hidden.reshape(b, h, w, c)) + x_BHWC
