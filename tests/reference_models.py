@@ -51,3 +51,30 @@ def rel_err(ours, ref) -> float:
     ours = np.asarray(ours, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def save_vae(folder: Path, config: dict, seed: int = 0, **save_kwargs):
+    from diffusers import AutoencoderKL
+
+    vae = randomize_(AutoencoderKL(**config), seed).eval()
+    vae.save_pretrained(folder, **save_kwargs)
+    return vae
+
+
+def save_clip_text(folder: Path, config: dict, *, with_projection: bool, seed: int = 0, **save_kwargs):
+    """A random transformers CLIP text encoder (plain or with projection) saved with `save_pretrained`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = randomize_(cls(CLIPTextConfig(**config)), seed).eval()
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+def save_clip_vision(folder: Path, config: dict, seed: int = 0, **save_kwargs):
+    """A random transformers `CLIPVisionModelWithProjection` (an IP-Adapter image encoder) saved to disk."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    model = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**config)), seed).eval()
+    model.save_pretrained(folder, **save_kwargs)
+    return model

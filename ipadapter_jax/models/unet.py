@@ -65,7 +65,8 @@ class UNet2DConditionModel(nnx.Module):
         self.up_blocks = nnx.List(up)
 
         self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], transformer_layers=c.transformer_layers_per_block[-1],
-                                  first_ip_layer=ip_layer, attention=attention(len(ch) - 1), resnet=resnet,
+                                  first_ip_layer=ip_layer, attention=attention(len(ch) - 1),
+                                  resnet=dict(resnet, output_scale_factor=c.mid_block_scale_factor),
                                   dtype=dtype, rngs=rngs)
         self.num_ip_layers = ip_layer + c.transformer_layers_per_block[-1]
         self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, dtype=dtype)

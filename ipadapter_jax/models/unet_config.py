@@ -55,6 +55,7 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
     addition_embed_type: str | None = None  # None or "text_time" (SDXL)
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
@@ -110,6 +111,7 @@ class UNetConfig:
             conv_in_kernel=raw.get("conv_in_kernel", 3),
             conv_out_kernel=raw.get("conv_out_kernel", 3),
             downsample_padding=raw.get("downsample_padding", 1),
+            mid_block_scale_factor=raw.get("mid_block_scale_factor", 1.0),
             addition_embed_type=addition,
             addition_time_embed_dim=raw.get("addition_time_embed_dim"),
             projection_class_embeddings_input_dim=raw.get("projection_class_embeddings_input_dim"),
