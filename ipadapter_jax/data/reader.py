@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from ipadapter_jax.data.transforms import as_text
 from ipadapter_jax.errors import UserError
 
 
@@ -42,15 +42,6 @@ class RecordSource:
         return f"RecordSource({self.description or self._source!r}, {len(self)} records)"
 
 
-def as_text(value) -> str:
-    """A caption from a TFDS Text feature (bytes), a numpy scalar or a str."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
 def open_source(
     data_dir_or_name: str | Path,
     split: str = "train",
@@ -60,7 +51,7 @@ def open_source(
     face_embed_key: str | None = "face_embed",
     data_dir: str | Path | None = None,
 ) -> RecordSource:
-    """Open a prepared dataset folder (``prepare_dataset``'s ``out_dir`` or any TFDS data folder) or a TFDS name.
+    """Open a prepared dataset folder (``prepare_dataset``'s ``out_dir``, a TFDS data dir) or a TFDS name.
 
     A folder is searched for one ``dataset_info.json`` (the folder itself or a ``name/[config/]version``
     below it). A name (``"coco_captions"``, ``"name:1.0.0"``) is looked up in ``data_dir``; nothing is
@@ -73,8 +64,10 @@ def open_source(
         if key not in features:
             raise UserError(f"Dataset {where} has no {role} feature {key!r}; its features are {keys}.")
     if builder.info.splits and split.split("[")[0] not in builder.info.splits:
-        raise UserError(f"Dataset {where} has no split {split!r}; its splits are {sorted(builder.info.splits)}.")
-    decoders = {image_key: tfds.decode.SkipDecoding()} if isinstance(features[image_key], tfds.features.Image) else None
+        splits = sorted(builder.info.splits)
+        raise UserError(f"Dataset {where} has no split {split!r}; its splits are {splits}.")
+    encoded = isinstance(features[image_key], tfds.features.Image)
+    decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
     try:
         data_source = builder.as_data_source(split=split, decoders=decoders)
     except (NotImplementedError, ValueError) as e:
@@ -97,17 +90,18 @@ def _builder(data_dir_or_name: str | Path, data_dir: str | Path | None):
             p for pattern in ("*/*/dataset_info.json", "*/*/*/dataset_info.json") for p in path.glob(pattern)
         )
         if not infos:
-            raise UserError(f"{path} holds no prepared TFDS dataset (no dataset_info.json); run prepare first.")
+            raise UserError(f"{path} holds no prepared TFDS dataset (no dataset_info.json); prepare first.")
         if len(infos) > 1:
             found = ", ".join(str(p.parent) for p in infos)
             raise UserError(f"{path} holds several datasets ({found}); pass the folder of the one to use.")
         return tfds.builder_from_directory(str(infos[0].parent)), str(infos[0].parent)
-    if isinstance(data_dir_or_name, Path) or "/" in str(data_dir_or_name):
+    if isinstance(data_dir_or_name, Path) or str(data_dir_or_name).startswith(("/", ".", "~")):
         raise UserError(f"Dataset folder {data_dir_or_name} does not exist; check the path.")
-    try:
+    try:  # a catalogue name such as "coco_captions/2017:1.0.0"
         builder = tfds.builder(str(data_dir_or_name), data_dir=None if data_dir is None else str(data_dir))
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise UserError(f"No TFDS dataset named {data_dir_or_name!r} ({e}); pass a prepared dataset folder.") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"{data_dir_or_name!r} is neither a dataset folder nor a TFDS dataset name; "
+                        "pass the folder prepare wrote.") from None
     if not builder.is_prepared():
         raise UserError(
             f"TFDS dataset {data_dir_or_name!r} is not prepared in {builder.data_dir}; "

@@ -55,17 +55,17 @@ class SourceItem:
 
 
 def read_official_json(json_file: str | Path, image_root: str | Path | None = None) -> list[SourceItem]:
-    """List ``[{"image_file": ..., "text": ..., ["id_embed_file": ...]}]`` (``.json``) or one object a line (``.jsonl``).
+    """List ``[{"image_file", "text"[, "id_embed_file"]}, ...]`` in ``.json``, or one a line in ``.jsonl``.
 
     ``image_file`` and ``id_embed_file`` are joined onto ``image_root`` (default: the JSON file's folder),
     as ``os.path.join(data_root_path, image_file)`` in the official script; absolute paths stay as they are.
     """
     json_file = Path(json_file)
     if not json_file.is_file():
-        raise UserError(f"Training list {json_file} does not exist; pass the JSON file of the official format.")
+        raise UserError(f"Training list {json_file} does not exist; pass a JSON file in the official format.")
     root = Path(image_root) if image_root is not None else json_file.parent
     if not root.is_dir():
-        raise UserError(f"Image root {root} is not a folder; pass the folder the image_file paths are relative to.")
+        raise UserError(f"Image root {root} is not a folder; pass the folder that image_file is relative to.")
     try:
         text = json_file.read_text(encoding="utf-8")
         if json_file.suffix == ".jsonl":
@@ -75,7 +75,8 @@ def read_official_json(json_file: str | Path, image_root: str | Path | None = No
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{json_file} is not valid JSON ({e}); fix or regenerate it.") from None
     if not isinstance(entries, list):
-        raise UserError(f"{json_file} holds a {type(entries).__name__}, not a list of records; use the official format.")
+        raise UserError(f"{json_file} holds a {type(entries).__name__}, not a list of records; "
+                        "use the official format.")
     items = []
     for i, entry in enumerate(entries):
         if not (isinstance(entry, dict) and isinstance(entry.get("image_file"), str)
@@ -102,10 +103,10 @@ def scan_caption_folder(folder: str | Path) -> list[SourceItem]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"Caption folder {folder} is not a folder; pass a folder of images with .txt captions.")
+        raise UserError(f"Caption folder {folder} does not exist; pass a folder of captioned images.")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return [
-        SourceItem(key=p.relative_to(folder).as_posix(), image_path=p, text=None, caption_path=p.with_suffix(".txt"))
+        SourceItem(p.relative_to(folder).as_posix(), p, None, caption_path=p.with_suffix(".txt"))
         for p in images
     ]
 
@@ -115,13 +116,13 @@ def list_source(source: str | Path, image_root: str | Path | None = None) -> lis
     source = Path(source)
     if source.is_dir():
         if image_root is not None:
-            raise UserError("image_root applies to a JSON training list, not to a caption folder; leave it out.")
+            raise UserError("image_root applies to a JSON training list, not a caption folder; leave it out.")
         items = scan_caption_folder(source)
     elif source.suffix in (".json", ".jsonl"):
         items = read_official_json(source, image_root)
     else:
         raise UserError(
-            f"Data source {source} is neither a folder of images with captions nor a .json/.jsonl training list."
+            f"Data source {source} is neither a folder of captioned images nor a .json/.jsonl training list."
         )
     _check_face_embed_loaders(items)
     return items
@@ -138,7 +139,7 @@ def _check_face_embed_loaders(items: list[SourceItem]) -> None:
 
 
 def load_example(item: SourceItem, *, with_face_embed: bool) -> dict:
-    """Read one item into ``{"image": encoded bytes, "text": str[, "face_embed": float32 (512,)]}`` or raise SkipRecord.
+    """Read one item as ``{"image": bytes, "text": str[, "face_embed": float32 (512,)]}``, or SkipRecord.
 
     The image is fully decoded to prove it is readable. RGB PNG/JPEG files are stored byte-for-byte;
     anything else is converted to RGB (``Image.convert``, as the official script does) and stored as PNG.
@@ -191,7 +192,7 @@ def _read_image_bytes(path: Path) -> bytes:
 
 
 def load_face_embedding(path: Path) -> np.ndarray:
-    """A 512-d face embedding from ``.npy`` (numpy) or a torch file (``torch.load``, as the FaceID script); else SkipRecord."""
+    """A 512-d face embedding from ``.npy`` or a torch file (``torch.load``, as FaceID), or SkipRecord."""
     try:
         if path.suffix == ".npy":
             value = np.load(path, allow_pickle=False)

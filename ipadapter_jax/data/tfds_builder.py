@@ -8,6 +8,7 @@ so an interrupted run leaves no half dataset at ``out_dir``. Read it back with
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ipadapter_jax.data import sources
@@ -25,6 +27,7 @@ from ipadapter_jax.errors import ConfigError, UserError
 
 VERSION = "1.0.0"
 _MAX_REPORTED = 20
+_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +66,29 @@ class _Tally:
 
 
 class ImageCaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Features ``image`` (encoded RGB PNG/JPEG), ``text`` and, for FaceID data, ``face_embed`` float32 (512,)."""
+    """Features ``image`` (encoded RGB PNG/JPEG), ``text`` and, for FaceID, ``face_embed`` float32 (512,)."""
 
     VERSION = tfds.core.Version(VERSION)
-    RELEASE_NOTES = {VERSION: "Image, caption and optional face embedding."}
+    RELEASE_NOTES = {str(VERSION): "Image, caption and optional face embedding."}
 
-    def __init__(self, *, items: list[sources.SourceItem], with_face_embed: bool, **kwargs):
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS looks for a checksums file beside the builder's code and, for a builder inside a package,
+        # needs importlib_resources (which it does not declare) to find it. This builder downloads nothing.
+        return None
+
+    # TFDS prints the temporary build folder and "subsequent calls will reuse this data"; both mislead here.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+    def __init__(self, *, items: list[sources.SourceItem], with_face_embed: bool, num_threads: int, **kwargs):
         self._items = items
         self._with_face_embed = with_face_embed
+        self._num_threads = num_threads
         self.tally = _Tally()
         super().__init__(**kwargs)
 
@@ -88,15 +106,24 @@ class ImageCaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         del dl_manager  # everything is local
         return {"train": self._generate_examples()}
 
+    def _load(self, item: sources.SourceItem):
+        try:
+            return sources.load_example(item, with_face_embed=self._with_face_embed)
+        except sources.SkipRecord as skip:
+            return skip
+
     def _generate_examples(self):
-        for index, item in enumerate(self._items):
-            try:
-                example = sources.load_example(item, with_face_embed=self._with_face_embed)
-            except sources.SkipRecord as skip:
-                self.tally.skip(item.key, skip.reason)
-                continue
-            self.tally.written += 1
-            yield f"{index:010d}", example
+        # Decoding every image to validate it dominates; PIL releases the GIL, so threads help. Chunks
+        # bound how many decoded records wait in memory.
+        with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
+            for start in range(0, len(self._items), _CHUNK):
+                chunk = self._items[start:start + _CHUNK]
+                for offset, (item, result) in enumerate(zip(chunk, pool.map(self._load, chunk), strict=True)):
+                    if isinstance(result, sources.SkipRecord):
+                        self.tally.skip(item.key, result.reason)
+                        continue
+                    self.tally.written += 1
+                    yield f"{start + offset:010d}", result
 
 
 def _builder_class(name: str) -> type[ImageCaptionBuilder]:
@@ -119,13 +146,15 @@ def prepare_dataset(
     name: str = "ip_adapter_images",
     num_shards: int | None = None,
     overwrite: bool = False,
+    num_threads: int = 8,
     progress: bool = True,
 ) -> PrepareReport:
-    """Write ``source`` (official JSON/JSONL list or caption folder) as an array_record TFDS dataset at ``out_dir``.
+    """Write ``source`` (official JSON/JSONL list or caption folder) as an array_record TFDS dataset.
 
     Broken records are skipped and counted in the report. A face-embedding feature is written when any
     JSON entry has ``id_embed_file``; entries without one are then skipped. ``num_shards=None`` lets TFDS
-    choose. ``out_dir`` ends up holding ``dataset_info.json`` and the ``*.array_record-*`` shards.
+    choose; ``num_threads`` read and validate images. ``out_dir`` ends up holding ``dataset_info.json``
+    and the ``*.array_record-*`` shards.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ConfigError(f"Dataset name {name!r} must be snake_case (a-z, 0-9, _), starting with a letter.")
@@ -137,13 +166,14 @@ def prepare_dataset(
             raise UserError(f"Output {out_dir} is a file; choose a folder path for the dataset.")
         if is_prepared_dataset(out_dir):
             if not overwrite:
-                raise UserError(f"A prepared dataset already exists at {out_dir}; pass overwrite=True to replace it.")
+                raise UserError(f"A prepared dataset exists at {out_dir}; pass overwrite=True to replace it.")
         elif any(out_dir.iterdir()):
-            raise UserError(f"Output folder {out_dir} is not empty and holds no dataset; choose an empty or new folder.")
+            raise UserError(f"Output folder {out_dir} is not empty and holds no dataset; "
+                            "choose an empty or new folder.")
 
     items = sources.list_source(source, image_root)
     if not items:
-        raise UserError(f"Data source {source} lists no images; point it at a JSON list or a folder with images.")
+        raise UserError(f"Data source {source} lists no images; point it at a JSON list or an image folder.")
     with_face_embed = any(item.face_embed_path is not None for item in items)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -152,16 +182,19 @@ def prepare_dataset(
     tfds.display_progress_bar(progress)
     try:
         builder = _builder_class(name)(
-            items=items, with_face_embed=with_face_embed, data_dir=str(tmp_root), file_format="array_record"
-        )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
+            items=items, with_face_embed=with_face_embed, num_threads=num_threads, data_dir=str(tmp_root),
+            file_format="array_record",
         )
         tally = builder.tally
-        if tally.written == 0:
-            raise UserError(
-                f"No usable records in {source}: skipped {dict(tally.skipped)}; fix the inputs and prepare again."
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
             )
+        except Exception:
+            if tally.written == 0:  # TFDS refuses to finish an empty split
+                raise UserError(f"No usable records in {source}: skipped {dict(tally.skipped)}; "
+                                "fix the inputs and prepare again.") from None
+            raise
         _move_into_place(Path(builder.data_dir), out_dir)
     finally:
         tfds.display_progress_bar(was_active)
