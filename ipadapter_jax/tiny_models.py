@@ -8,10 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes (GPT-2's table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = list(printable)
     extra = 0
     for b in range(256):
@@ -22,8 +28,10 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def write_tiny_tokenizer(folder: str | Path, *, max_length: int = 77, pad_token: str = "<|endoftext|>") -> Path:
-    """Write a working CLIP BPE tokenizer (vocab.json, merges.txt, configs) that covers any text in 518 ids."""
+def write_tiny_tokenizer(
+    folder: str | Path, *, max_length: int = 77, pad_token: str = "<|endoftext|>"
+) -> Path:
+    """Write a working CLIP BPE tokenizer (vocab.json, merges.txt, configs) covering any text in 518 ids."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = _byte_alphabet()
@@ -46,6 +54,238 @@ def write_tiny_tokenizer(folder: str | Path, *, max_length: int = 77, pad_token:
         "pad_token": pad_token,
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **special}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "do_lower_case": True,
+        **special,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+# Configs valid for both this project and diffusers/transformers, so the same folders load in PyTorch.
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,
+    "norm_num_groups": 16,
+}
+TINY_UNET_XL = {
+    **TINY_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+}
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "sample_size": 64,
+    "block_out_channels": [16, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "scaling_factor": 0.18215,
+}
+TINY_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 518,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 516,
+    "eos_token_id": 517,
+    "pad_token_id": 517,
+    "projection_dim": 32,
+    "layer_norm_eps": 1e-5,
+}
+TINY_IMAGE_ENCODER = {
+    "architectures": ["CLIPVisionModelWithProjection"],
+    "model_type": "clip_vision_model",
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 24,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+}
+SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+SCHEDULER_XL = {
+    **SCHEDULER,
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+def _random_state(build, seed: int) -> dict[str, np.ndarray]:
+    """PyTorch-layout random weights for the model `build()` would construct, without running its init."""
+    from flax import nnx
+
+    from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, var in flat_variables(nnx.eval_shape(build)).items():
+        leaf = str(path[-1])
+        shape = tuple(var.shape)
+        if leaf == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif leaf == "bias":
+            value = 0.05 * rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+        out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(leaf, value.astype(np.float32)))
+    return out
+
+
+def _write_model(folder: Path, config: dict, build, basename: str, seed: int) -> None:
+    from ipadapter_jax.weights.safetensors_io import save_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(_random_state(build, seed), folder / f"{basename}.safetensors")
+
+
+def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -> Path:
+    """A diffusers-format Stable Diffusion folder (model_index.json, unet, vae, text encoder(s), tokenizer(s),
+    scheduler) with tiny random weights: 64x64 images from 16x16 latents."""
+    from flax import nnx
+
+    from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from ipadapter_jax.models.unet import UNet2DConditionModel
+    from ipadapter_jax.models.unet_config import UNetConfig
+    from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+    if kind not in ("sd15", "sdxl"):
+        raise ValueError(f"kind must be sd15 or sdxl, not {kind!r}")
+    folder = Path(folder)
+    xl = kind == "sdxl"
+    unet_cfg = TINY_UNET_XL if xl else TINY_UNET
+    _write_model(
+        folder / "unet",
+        unet_cfg,
+        lambda: UNet2DConditionModel(UNetConfig.from_dict(unet_cfg), rngs=nnx.Rngs(0)),
+        "diffusion_pytorch_model",
+        seed,
+    )
+    _write_model(
+        folder / "vae",
+        TINY_VAE,
+        lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(TINY_VAE), rngs=nnx.Rngs(0)),
+        "diffusion_pytorch_model",
+        seed + 1,
+    )
+    _write_model(
+        folder / "text_encoder",
+        TINY_TEXT,
+        lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY_TEXT), rngs=nnx.Rngs(0)),
+        "model",
+        seed + 2,
+    )
+    write_tiny_tokenizer(folder / "tokenizer")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", (SCHEDULER_XL if xl else SCHEDULER)["_class_name"]],
+    }
+    if xl:
+        text2 = {**TINY_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu"}
+        _write_model(
+            folder / "text_encoder_2",
+            text2,
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(text2), rngs=nnx.Rngs(0)),
+            "model",
+            seed + 3,
+        )
+        write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        index.update(
+            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
+        )
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SCHEDULER_XL if xl else SCHEDULER, indent=2)
+    )
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_tiny_image_encoder(folder: str | Path, seed: int = 1) -> Path:
+    """A transformers `CLIPVisionModelWithProjection` folder (32 px, ViT with 24-d image_embeds) plus its
+    preprocessor_config.json."""
+    from flax import nnx
+
+    from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    config = CLIPVisionConfig.from_dict(TINY_IMAGE_ENCODER)
+    _write_model(
+        folder,
+        TINY_IMAGE_ENCODER,
+        lambda: CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0)),
+        "model",
+        seed,
+    )
+    size = TINY_IMAGE_ENCODER["image_size"]
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
