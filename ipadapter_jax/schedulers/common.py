@@ -51,14 +51,16 @@ def require_choice(fields: Mapping[str, Any], key: str, allowed: tuple, owner: s
 def require_off(fields: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> None:
     for key in keys:
         if fields.get(key):
-            raise ConfigError(f"{owner}: {key}={fields[key]!r} is not supported by this port; set it to false.")
+            raise ConfigError(
+                f"{owner}: {key}={fields[key]!r} is not supported by this port; set it to false."
+            )
 
 
 # ---------------------------------------------------------------- training noise schedule
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """`torch.linspace(start, end, steps, dtype=float32)` on CPU, bit for bit (float32 step, filled from both ends)."""
+    """`torch.linspace(start, end, steps, dtype=float32)` on CPU, bit for bit (filled from both ends)."""
     if steps == 1:
         return np.array([start], np.float32)
     start32, end32 = np.float32(start), np.float32(end)
@@ -220,11 +222,21 @@ def f32(x: np.ndarray | float) -> jax.Array:
     return jnp.asarray(np.asarray(x, np.float32))
 
 
+def divide(x: jax.Array, scalar: jax.Array | float) -> jax.Array:
+    """`x / scalar` as a true IEEE division, like diffusers' torch code.
+
+    XLA rewrites division by a broadcast scalar or a constant into multiplication by its reciprocal,
+    which is off by an ulp often enough to show after the cancellations of a sampling step; the
+    barrier hides the broadcast from that rewrite.
+    """
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(scalar, x.dtype), x.shape))
+
+
 # ---------------------------------------------------------------- the sampler interface
 
 
 class Scheduler:
-    """A sampler: `plan` runs on the host; the other methods are pure and jittable with a traced step index."""
+    """A sampler: `plan` runs on the host; the other methods are pure and jit with a traced step index."""
 
     class_name = "Scheduler"  # the diffusers class whose numerics this matches
     defaults: dict[str, Any] = {}
@@ -233,13 +245,14 @@ class Scheduler:
     def __init__(self, config: Mapping[str, Any]):
         self.fields = read_fields(config, {**NOISE_DEFAULTS, **self.defaults})
         self.num_train_timesteps = int(self.fields["num_train_timesteps"])
-        self.alphas_cumprod = alphas_cumprod_for_config(self.fields)
         self._validate()
+        self.alphas_cumprod = alphas_cumprod_for_config(self.fields)
 
     def _validate(self) -> None:
         """Raise ConfigError for fields this port does not implement."""
 
     def plan(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
+        """diffusers' `set_timesteps`, then img2img's `get_timesteps` for strength < 1; eta is DDIM's."""
         n = check_num_steps(num_inference_steps, self.num_train_timesteps)
         if eta != 0.0 and not self.takes_eta:
             raise ConfigError(f"{self.class_name} has no eta; leave it at 0.")
@@ -249,25 +262,33 @@ class Scheduler:
         raise NotImplementedError
 
     def init_state(self, plan: Plan, sample_shape: tuple[int, ...], dtype: Any) -> dict[str, jax.Array]:
+        """Fixed-size history buffers of multistep samplers (empty for one-step ones), for the loop carry."""
         return {}
 
     def scale_model_input(self, plan: Plan, sample: jax.Array, i: jax.Array) -> jax.Array:
+        """What the UNet gets at step i in place of the sample (sigma samplers divide by sqrt(sigma^2+1))."""
         return sample
 
     def step(
         self, plan: Plan, state: dict, model_output: jax.Array, sample: jax.Array, i: jax.Array, noise=None
     ) -> tuple[jax.Array, dict]:
+        """Step i: (sample at step i, model output) -> (sample at step i + 1, new state).
+
+        `noise` is a fresh standard normal shaped like the sample, required when `plan.needs_noise`.
+        """
         raise NotImplementedError
 
     def add_noise(self, plan: Plan, original: jax.Array, noise: jax.Array, i: jax.Array) -> jax.Array:
-        """Noise clean latents to the level of step i (`i=0`: an img2img start), as this diffusers class does."""
+        """Noise clean latents to the level of step i (`i=0`: img2img start), as this diffusers class does."""
         a = plan.coeffs["noise_x0"][i].astype(original.dtype)
         b = plan.coeffs["noise_eps"][i].astype(original.dtype)
         return a * original + b * noise
 
     def _require_noise(self, plan: Plan, noise: jax.Array | None) -> None:
         if plan.needs_noise and noise is None:
-            raise ValueError(f"{self.class_name}.step needs `noise` (a fresh standard normal like the sample).")
+            raise ValueError(
+                f"{self.class_name}.step needs `noise` (a fresh standard normal like the sample)."
+            )
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.fields.items() if v != {**NOISE_DEFAULTS, **self.defaults}[k]}

@@ -10,6 +10,7 @@ from ipadapter_jax.schedulers.common import (
     Plan,
     Scheduler,
     discrete_timesteps,
+    divide,
     f32,
     require_choice,
     require_off,
@@ -68,11 +69,11 @@ class DDIM(Scheduler):
         out = model_output.astype(jnp.float32)
         kind = self.fields["prediction_type"]
         if kind == "epsilon":
-            x0 = (x - c["sqrt_b_t"] * out) / c["sqrt_a_t"]
+            x0 = divide(x - c["sqrt_b_t"] * out, c["sqrt_a_t"])
             eps = out
         elif kind == "sample":
             x0 = out
-            eps = (x - c["sqrt_a_t"] * x0) / c["sqrt_b_t"]
+            eps = divide(x - c["sqrt_a_t"] * x0, c["sqrt_b_t"])
         else:  # v_prediction
             x0 = c["sqrt_a_t"] * x - c["sqrt_b_t"] * out
             eps = c["sqrt_a_t"] * out + c["sqrt_b_t"] * x

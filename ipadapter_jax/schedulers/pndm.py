@@ -16,6 +16,7 @@ from ipadapter_jax.schedulers.common import (
     Plan,
     Scheduler,
     discrete_timesteps,
+    divide,
     f32,
     require_choice,
 )
@@ -50,7 +51,9 @@ class PNDM(Scheduler):
             # PLMS needs a second evaluation at the second timestep before it can extrapolate.
             return np.concatenate([down[:2], down[1:]]) if n > 1 else down, 0
         if n < 4:
-            raise ConfigError(f"{self.class_name} with skip_prk_steps=false needs at least 4 inference steps.")
+            raise ConfigError(
+                f"{self.class_name} with skip_prk_steps=false needs at least 4 inference steps."
+            )
         last4 = down[:4][::-1]  # the four highest timesteps, ascending
         halves = (last4[:, None] + np.array([0, T // n // 2])).reshape(-1)  # t, t + half-stride
         prk = np.repeat(halves[:-1], 2)[1:-1][::-1]  # 12 evaluations: 4 per Runge-Kutta step
@@ -108,13 +111,13 @@ class PNDM(Scheduler):
         return state
 
     def _branches(self):
-        """One function per kind: (model_output, sample, state) -> (output to apply, sample to step from, state)."""
+        """One function per kind: (output, sample, state) -> (output to apply, sample to step from, state)."""
 
         def plms_first(out, x, s):
             return out, x, {**s, "ets": _push(s["ets"], out), "cur_sample": x.astype(s["cur_sample"].dtype)}
 
         def plms_average(out, x, s):
-            return (out + s["ets"][3]) / 2, s["cur_sample"].astype(out.dtype), s
+            return (out + s["ets"][3].astype(out.dtype)) / 2, s["cur_sample"].astype(out.dtype), s
 
         def plms(order):
             def branch(out, x, s):
@@ -123,7 +126,7 @@ class PNDM(Scheduler):
                 if order == 2:
                     mixed = (3 * e1 - e2) / 2
                 elif order == 3:
-                    mixed = (23 * e1 - 16 * e2 + 5 * e3) / 12
+                    mixed = divide(23 * e1 - 16 * e2 + 5 * e3, 12.0)
                 else:
                     mixed = (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4)
                 return mixed, x, {**s, "ets": e}
@@ -155,5 +158,5 @@ class PNDM(Scheduler):
         out, x, state = jax.lax.switch(c["kind"], self._branches(), out, x, state)
         if self.fields["prediction_type"] == "v_prediction":
             out = c["sqrt_a_t"] * out + c["sqrt_b_t"] * x
-        prev = c["sample_coeff"] * x - c["output_coeff"] * out / c["denominator"]
+        prev = c["sample_coeff"] * x - divide(c["output_coeff"] * out, c["denominator"])
         return prev.astype(sample.dtype), state
