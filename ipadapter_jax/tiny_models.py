@@ -184,9 +184,9 @@ def _write_model(folder: Path, config: dict, build, basename: str, seed: int) ->
     save_safetensors(_random_state(build, seed), folder / f"{basename}.safetensors")
 
 
-def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -> Path:
+def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, in_channels: int = 4) -> Path:
     """A diffusers-format Stable Diffusion folder (model_index.json, unet, vae, text encoder(s), tokenizer(s),
-    scheduler) with tiny random weights: 64x64 images from 16x16 latents."""
+    scheduler) with tiny random weights: 64x64 images from 16x16 latents. `in_channels=9`: an inpainting UNet."""
     from flax import nnx
 
     from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -198,7 +198,7 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -
         raise ValueError(f"kind must be sd15 or sdxl, not {kind!r}")
     folder = Path(folder)
     xl = kind == "sdxl"
-    unet_cfg = TINY_UNET_XL if xl else TINY_UNET
+    unet_cfg = {**(TINY_UNET_XL if xl else TINY_UNET), "in_channels": in_channels}
     _write_model(
         folder / "unet",
         unet_cfg,
@@ -223,6 +223,7 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -
     write_tiny_tokenizer(folder / "tokenizer")
     index = {
         "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -289,3 +290,28 @@ def write_tiny_image_encoder(folder: str | Path, seed: int = 1) -> Path:
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
+
+
+def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_encoder_folder: str | Path,
+                          variant: str = "base", seed: int = 2) -> Path:
+    """An IP-Adapter in the official layout (`.safetensors` or `.bin` by extension) for a tiny pipeline and
+    image encoder written above: random projection and `to_k_ip`/`to_v_ip`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ipadapter_jax.ip_adapter import IPAdapter, build_image_proj, export_ip_adapter, make_spec
+    from ipadapter_jax.models.unet_config import UNetConfig
+
+    unet_config = UNetConfig.from_json(Path(pipeline_folder) / "unet" / "config.json")
+    encoder = json.loads((Path(image_encoder_folder) / "config.json").read_text())
+    width = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
+    spec = make_spec(variant, unet_config, image_feature_dim=width, name=f"tiny-{variant}")
+    image_proj = build_image_proj(spec, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    cross = spec.cross_attention_dim
+
+    def kernels():
+        return tuple(jnp.asarray(rng.standard_normal((cross, h)).astype(np.float32) / np.sqrt(cross))
+                     for h in spec.layer_hidden_sizes)
+
+    return export_ip_adapter(IPAdapter(spec, image_proj, kernels(), kernels()), path, overwrite=True)

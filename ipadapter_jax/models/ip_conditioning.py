@@ -49,7 +49,7 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
         src = (o + 0.5) * scale - 0.5
         base = math.floor(src)
         t = src - base
-        for k, w in zip(range(-1, 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]))):
+        for k, w in zip(range(-1, 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t])), strict=True):
             weights[o, min(max(base + k, 0), in_size - 1)] += w
     return weights.astype(np.float32)
 

@@ -1,4 +1,4 @@
-"""Find and open PyTorch checkpoint files: safetensors first, pickled `.bin` through torch, sharded indexes, variants."""
+"""Find and open PyTorch checkpoint files: safetensors first, `.bin` through torch, sharded indexes, variants."""
 
 from __future__ import annotations
 
@@ -130,6 +130,7 @@ def open_weights(folder: str | os.PathLike, basename: str, variant: str | None =
                 return _open_index(index)
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise CheckpointError(
-        f"no weights named {basename}[.{variant or ''}].safetensors/.bin in {folder} (found: {', '.join(found) or 'nothing'}); "
+        f"no weights named {basename}[.{variant or ''}].safetensors/.bin in {folder} "
+        f"(found: {', '.join(found) or 'nothing'}); "
         "point to a diffusers-format folder or pass the right variant."
     )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ipadapter_jax.errors import UserError
 
-
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -72,3 +71,39 @@ def _is_tokenizer(folder: Path) -> bool:
 
 def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
+
+
+def resolve_path(spec: str | os.PathLike, *, what: str = "file", revision: str | None = None) -> Path:
+    """A local file or folder as is; otherwise `owner/repo/path/in/repo` on the Hugging Face Hub (a file such
+    as `h94/IP-Adapter/models/ip-adapter_sd15.safetensors`, or a folder such as `h94/IP-Adapter/models/
+    image_encoder`), downloaded or found in the local cache."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    text = str(spec)
+    parts = text.split("/")
+    if len(parts) < 3 or not _REPO_ID.fullmatch("/".join(parts[:2])):
+        raise UserError(f"{what} {text} does not exist; pass a local path or owner/repo/path on the Hugging Face Hub.")
+    repo, inner = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        if Path(inner).suffix in (".safetensors", ".bin", ".pt", ".pth", ".npy", ".npz"):
+            return Path(hf_hub_download(repo, inner, revision=revision))
+        patterns = [f"{inner}/*.json", f"{inner}/*.txt", f"{inner}/*.safetensors"]
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns)) / inner
+        if not _has_weights(folder):
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=[*patterns, f"{inner}/*.bin"]))
+            folder = folder / inner
+        if not folder.is_dir():
+            raise UserError(f"{what} {text}: the repo {repo} has no folder {inner}.")
+        return folder
+    except LocalEntryNotFoundError:
+        raise UserError(f"{what} {text} is not in the local Hugging Face cache and cannot be downloaded (offline or "
+                        "no network); connect, unset HF_HUB_OFFLINE, or pass a local path.") from None
+    except EntryNotFoundError:
+        raise UserError(f"{what} {text}: the repo {repo} has no file {inner}.") from None
+    except HfHubHTTPError as e:
+        raise UserError(f"{what} {text} could not be fetched from the Hugging Face Hub ({e.__class__.__name__}); "
+                        "check the repo id and your access token.") from None

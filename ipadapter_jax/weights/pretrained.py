@@ -39,10 +39,10 @@ def read_config(folder: str | Path, name: str = "config.json") -> dict:
 
 
 def load_component(folder: str | Path, build: Callable[[], nnx.Module], *, basename: str, dtype=jnp.float32,
-                   variant: str | None = None, policy: KeyPolicy = KeyPolicy(), what: str = "model",
+                   variant: str | None = None, policy: KeyPolicy | None = None, what: str = "model",
                    sharding=None, exclude: Any = nnx.Nothing) -> nnx.Module:
     """`build()` constructs the model; it runs under `nnx.eval_shape`, so no random initialisation happens."""
     abstract = nnx.eval_shape(build)
     weights = open_weights(folder, basename, variant)
-    return load_state(abstract, weights, dtype=as_dtype(dtype), policy=policy, what=what,
+    return load_state(abstract, weights, dtype=as_dtype(dtype), policy=policy or KeyPolicy(), what=what,
                       source=weights.description, sharding=sharding, exclude=exclude)

@@ -1,0 +1,387 @@
+"""`IPAdapterPipeline`: text-to-image, image-to-image and inpainting with image prompts, for SD1.x/2.x and
+SDXL, data-parallel over every device of a mesh (parameters replicated, the batch split).
+
+    pipe = IPAdapterPipeline.from_pretrained("runwayml/stable-diffusion-v1-5",
+                                             image_encoder="h94/IP-Adapter/models/image_encoder",
+                                             adapters=["h94/IP-Adapter/models/ip-adapter_sd15.safetensors"])
+    images = pipe("best quality", images=["ref.png"], scale=0.6, seed=0).images
+
+Image k of a call with `seed` s is exactly the image a call with seed s + k and one image would give, on any
+number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ipadapter_jax.errors import UserError
+from ipadapter_jax.ip_adapter import (
+    IPAdapter,
+    attach,
+    check_image_encoder,
+    image_processor_for,
+    load_ip_adapter,
+    merge_faceid_lora,
+    pixel_values,
+)
+from ipadapter_jax.models.attention import Implementation
+from ipadapter_jax.models.clip_vision import load_image_encoder
+from ipadapter_jax.models.image_proj import IMAGE_EMBEDS
+from ipadapter_jax.models.ip_conditioning import IPConditioning
+from ipadapter_jax.models.resnet import nearest_resize
+from ipadapter_jax.pipelines import images as imaging
+from ipadapter_jax.pipelines import prompts, stages
+from ipadapter_jax.pipelines.components import BaseModels, load_base
+from ipadapter_jax.pipelines.denoise import Conditioning, Inpainting, interleave
+from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks, layer_scales
+from ipadapter_jax.schedulers import make_scheduler
+from ipadapter_jax.weights.hub import resolve_path
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    images: list  # PIL images (output_type="pil"), or a (B, H, W, 3) uint8 array ("np")
+    latents: np.ndarray  # final latents before decoding, diffusers' NCHW layout
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class Noise:
+    """Every random draw of one batch, explicit so that runs can be replayed against another implementation.
+
+    latents: (B, h, w, C) initial noise; image: VAE posterior noise of the init image (img2img, inpainting);
+    masked: VAE posterior noise of the masked image (inpainting); keys: (B,) per-item keys for samplers that
+    draw fresh noise at every step (Euler ancestral, DDIM with eta > 0).
+    """
+
+    latents: np.ndarray
+    image: np.ndarray
+    masked: np.ndarray
+    keys: jax.Array
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int], shape: tuple[int, ...]) -> Noise:
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        parts = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+        draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
+        return cls(latents=np.array(draw(parts[:, 0])), image=np.array(draw(parts[:, 1])),
+                   masked=np.array(draw(parts[:, 2])), keys=parts[:, 3])
+
+
+class IPAdapterPipeline:
+    def __init__(self, base: BaseModels, adapters: Sequence[IPAdapter] = (), *, image_encoder=None,
+                 image_processor=None, mesh: Mesh | None = None):
+        self.base = base
+        self.adapters = list(adapters)
+        self.image_encoder = image_encoder
+        self.image_processor = image_processor
+        if any(a.spec.needs_image_encoder for a in self.adapters):
+            if image_encoder is None:
+                raise UserError("these IP-Adapters read CLIP image features but no image encoder was given: pass "
+                                "image_encoder (e.g. h94/IP-Adapter/models/image_encoder for SD1.5 adapters, "
+                                "h94/IP-Adapter/sdxl_models/image_encoder for ViT-bigG SDXL adapters).")
+            for a in self.adapters:
+                if a.spec.needs_image_encoder:
+                    check_image_encoder(a.spec, image_encoder)
+        self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+        replicated = NamedSharding(self.mesh, P())
+        self._batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
+        self._unet = stages.Bound.of(base.unet, replicated)
+        self._vae = stages.Bound.of(base.vae, replicated)
+        text = [stages.Bound.of(t, replicated) for t in base.text_encoders]
+        self._text_graphs = tuple(b.graphdef for b in text)
+        self._text_states = tuple(b.state for b in text)
+        self._encoder = stages.Bound.of(image_encoder, replicated) if image_encoder is not None else None
+        self._projections = [stages.Bound.of(a.image_proj, replicated) for a in self.adapters]
+        self.load_seconds = 0.0
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path, *, image_encoder: str | Path | None = None,
+                        adapters: Sequence[str | Path] = (), dtype="float32", scheduler: str | None = None,
+                        variant: str | None = None, attention_impl: Implementation = "auto",
+                        revision: str | None = None, faceid_lora_scale: float = 1.0,
+                        mesh: Mesh | None = None) -> IPAdapterPipeline:
+        """Load a diffusers base (folder or hub id), an image encoder and IP-Adapters (official files or our
+        Flax folders, local or `owner/repo/path`), computing in `dtype`."""
+        start = time.perf_counter()
+        models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
+                           attention_impl=attention_impl, scheduler=scheduler, revision=revision)
+        loaded = [load_ip_adapter(resolve_path(a, what="IP-Adapter"), unet_config=models.unet.config, dtype=dtype)
+                  for a in adapters]
+        attach(models.unet, loaded)
+        for adapter in loaded:
+            if adapter.lora:
+                merge_faceid_lora(models.unet, adapter, faceid_lora_scale)
+        encoder = processor = None
+        if image_encoder is not None and any(a.spec.needs_image_encoder for a in loaded):
+            folder = resolve_path(image_encoder, what="image encoder")
+            encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl)
+            processor = image_processor_for(folder, encoder.image_size)
+        pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    # ------------------------------------------------------------------------------------------ image prompts
+
+    def image_embeds(self, image_prompts: Sequence[ImagePrompt]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per adapter, (negative, positive) features the projection reads (N_img leading), before combining."""
+        self._check_prompts(image_prompts)
+        out = []
+        for adapter, ip in zip(self.adapters, image_prompts, strict=True):
+            spec = adapter.spec
+            if ip.embeds is not None:
+                out.append((np.asarray(ip.embeds[0]), np.asarray(ip.embeds[1])))
+                continue
+            if not spec.needs_image_encoder:
+                out.append((np.zeros((ip.num_images, 0), np.float32), np.zeros((ip.num_images, 0), np.float32)))
+                continue
+            if not ip.images:
+                raise UserError(f"the {spec.variant} IP-Adapter in slot {self.adapters.index(adapter)} needs "
+                                "reference images (or precomputed embeddings).")
+            pixels = jnp.asarray(pixel_values(self.image_processor, ip.loaded_images()))
+            features = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature, pixels)
+            if ip.negative_images:
+                negative_pixels = pixel_values(self.image_processor,
+                                               [imaging.load_image(i, what="negative image")
+                                                for i in ip.negative_images])
+                if negative_pixels.shape[0] not in (1, pixels.shape[0]):
+                    raise UserError(f"give one negative image or one per reference image ({pixels.shape[0]}), "
+                                    f"not {negative_pixels.shape[0]}.")
+                negative_pixels = np.broadcast_to(negative_pixels, pixels.shape)
+                negative = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature,
+                                                 jnp.asarray(negative_pixels))
+            elif spec.image_feature == IMAGE_EMBEDS:
+                negative = jnp.zeros_like(features)
+            else:
+                negative = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature,
+                                                 pixels, True)
+            out.append((np.asarray(negative), np.asarray(features)))
+        return out
+
+    def image_tokens(self, image_prompts: Sequence[ImagePrompt], embeds=None) -> list[tuple[jax.Array, jax.Array]]:
+        """Per adapter, (negative, positive) tokens (1, N, T, C) after combining the reference images."""
+        embeds = embeds if embeds is not None else self.image_embeds(image_prompts)
+        tokens = []
+        for a, (adapter, ip, (negative, positive)) in enumerate(zip(self.adapters, image_prompts, embeds,
+                                                                    strict=True)):
+            spec = adapter.spec
+            face = neg_face = None
+            if spec.needs_face_embeds:
+                if ip.face_embeds is None:
+                    raise UserError(f"the {spec.variant} IP-Adapter in slot {a} needs face embeddings "
+                                    "(InsightFace normed_embedding, 512 values per face, e.g. a .npy file).")
+                face = np.atleast_2d(np.asarray(ip.face_embeds, np.float32))
+                if face.shape[-1] != spec.face_embed_dim:
+                    raise UserError(f"face embeddings have {face.shape[-1]} values but the {spec.variant} adapter "
+                                    f"expects {spec.face_embed_dim} (InsightFace buffalo_l normed_embedding).")
+                face = combine_features(face, ip.combine)
+                neg_face = np.zeros_like(face)
+            pair = []
+            for feats, face_embeds in ((negative, neg_face), (positive, face)):
+                f = combine_features(feats, ip.combine)[None] if spec.needs_image_encoder else None
+                fe = None if face_embeds is None else jnp.asarray(face_embeds)[None]
+                pair.append(stages.image_tokens(self._projections[a].graphdef, self._projections[a].state, spec,
+                                                None if f is None else jnp.asarray(f), fe, ip.shortcut,
+                                                jnp.float32(ip.shortcut_scale)))
+            tokens.append(tuple(pair))
+        return tokens
+
+    def _check_prompts(self, image_prompts):
+        if len(image_prompts) != len(self.adapters):
+            raise UserError(f"{len(self.adapters)} IP-Adapters are loaded but {len(image_prompts)} image prompts were "
+                            "given; pass one image (or list of images) per adapter.")
+
+    # ----------------------------------------------------------------------------------------------- generate
+
+    def __call__(self, prompt: str | list[str] = "", *, images: Sequence | None = None,
+                 negative_prompt: str | list[str] | None = None, scale=1.0, num_inference_steps: int = 30,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, seed: int = 0,
+                 latents: np.ndarray | None = None, init_image=None, strength: float | None = None,
+                 mask_image=None, ip_window: tuple[float, float] = (0.0, 1.0), eta: float = 0.0,
+                 scheduler: str | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), embeds=None, output_type: str = "pil",
+                 noise: Noise | None = None) -> GenerationOutput:
+        """Generate. `images`: per adapter an image, a list of images or an `ImagePrompt`; plain images take
+        `scale`. `init_image` makes it image-to-image (`strength`, default 0.8), plus `mask_image` inpainting
+        (white = repaint; default strength 1.0). `latents`: initial noise in diffusers' NCHW layout."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        prompts_list = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts_list) * num_images_per_prompt
+        positive = [p for p in prompts_list for _ in range(num_images_per_prompt)]
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative = None if negative_prompt is None else [negative_prompt] * batch
+        else:
+            negative = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+        image_prompts = [i if isinstance(i, ImagePrompt) else ImagePrompt(images=i, scale=scale)
+                         for i in (images or [])]
+        init = imaging.load_image(init_image, what="init image") if init_image is not None else None
+        if height is None or width is None:
+            if init is not None:
+                f = self.base.vae_scale_factor
+                width, height = width or init.width - init.width % f, height or init.height - init.height % f
+            else:
+                height, width = height or self.base.default_size, width or self.base.default_size
+        imaging.check_size(height, width, self.base.vae_scale_factor)
+        shape = (height // self.base.vae_scale_factor, width // self.base.vae_scale_factor,
+                 self.base.vae.config.latent_channels)
+        noise = noise or Noise.from_seeds([seed + k for k in range(batch)], shape)
+        if latents is not None:
+            given = np.asarray(latents, np.float32)
+            if given.shape != (batch, shape[2], shape[0], shape[1]):
+                raise UserError(f"initial latents must have shape {(batch, shape[2], shape[0], shape[1])} (NCHW, "
+                                f"batch {batch}, {height}x{width} image), not {given.shape}.")
+            noise = dataclasses.replace(noise, latents=given.transpose(0, 2, 3, 1))
+        if mask_image is not None and init is None:
+            raise UserError("inpainting needs init_image as well as mask_image.")
+        if strength is None:
+            strength = 1.0 if (mask_image is not None or init is None) else 0.8
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"strength must be in (0, 1], not {strength}.")
+        if init is None and strength != 1.0:
+            raise UserError("strength applies to image-to-image and inpainting; pass init_image.")
+        timings["prepare_s"] = time.perf_counter() - start
+
+        out = self.generate_batch(
+            positive, negative, image_prompts, noise=noise, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width,
+            init=init, mask=mask_image, strength=strength, ip_window=ip_window, eta=eta, scheduler=scheduler,
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left, embeds=embeds,
+            decode=output_type != "latent", timings=timings)
+        pixels, final = out
+        result_latents = np.asarray(final).transpose(0, 3, 1, 2)
+        if output_type == "latent":
+            return GenerationOutput(images=[], latents=result_latents, timings=timings)
+        uint8 = imaging.to_uint8(np.asarray(pixels))
+        images_out = [imaging.Image.fromarray(a) for a in uint8] if output_type == "pil" else uint8
+        timings["total_s"] = time.perf_counter() - start
+        return GenerationOutput(images=images_out, latents=result_latents, timings=timings)
+
+    def _place(self, x, count: int):
+        """Put a batch-leading array on the mesh (split over devices when the batch divides evenly)."""
+        if x is None:
+            return None
+        n = self.mesh.size
+        sharding = self._batch if count % n == 0 else NamedSharding(self.mesh, P())
+        return jax.device_put(x, sharding)
+
+    def generate_batch(self, positive: list[str], negative: list[str] | None, image_prompts: list[ImagePrompt], *,
+                       noise: Noise, num_inference_steps: int, guidance_scale: float, guidance_rescale: float,
+                       height: int, width: int, init=None, mask=None, strength: float = 1.0,
+                       ip_window=(0.0, 1.0), eta: float = 0.0, scheduler: str | None = None,
+                       original_size=None, crops_coords_top_left=(0, 0), embeds=None, decode: bool = True,
+                       timings: dict | None = None):
+        """One compiled batch: B prompts sharing the image prompts. Returns (pixels or None, final latents)."""
+        timings = {} if timings is None else timings
+        base = self.base
+        batch = len(positive)
+        cfg = guidance_scale > 1.0
+        sched = base.scheduler if scheduler is None else make_scheduler(scheduler, base.scheduler_config)
+        plan = sched.plan(num_inference_steps, strength=strength, eta=eta)
+
+        t0 = time.perf_counter()
+        ids = prompts.tokenize_all(base.tokenizers, positive)
+        context, pooled = stages.encode_text(self._text_graphs, self._text_states,
+                                             tuple(jnp.asarray(i) for i in ids))
+        if cfg:
+            zero_negative = negative is None and base.is_xl and base.force_zeros_for_empty_prompt
+            if zero_negative:
+                neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+            else:
+                neg_ids = prompts.tokenize_all(base.tokenizers, negative or [""] * batch)
+                neg_context, neg_pooled = stages.encode_text(self._text_graphs, self._text_states,
+                                                             tuple(jnp.asarray(i) for i in neg_ids))
+            context = interleave(neg_context, context)
+            pooled = interleave(neg_pooled, pooled) if pooled is not None else None
+        time_ids = None
+        if base.is_xl:
+            orig = original_size or (height, width)
+            row = np.asarray([*orig, *crops_coords_top_left, height, width], np.float32)
+            time_ids = jnp.asarray(np.tile(row, ((2 if cfg else 1) * batch, 1)))
+        timings["text_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ip = self._ip_conditioning(image_prompts, batch, cfg, height, width, embeds)
+        timings["image_prompt_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latents, inpaint = self._initial_latents(sched, plan, noise, batch, height, width, init, mask, strength)
+        cond = Conditioning(context=self._place(context, context.shape[0]),
+                            pooled=self._place(pooled, context.shape[0]),
+                            time_ids=self._place(time_ids, context.shape[0]), ip=ip)
+        final = stages.run_denoise(self._unet.graphdef, self._unet.state, sched, plan,
+                                   self._place(latents, batch), cond, jnp.float32(guidance_scale),
+                                   jnp.float32(guidance_rescale), jnp.asarray(ip_window, jnp.float32),
+                                   self._place(noise.keys, batch), cfg, inpaint)
+        final = jax.block_until_ready(final)
+        timings["denoise_s"] = time.perf_counter() - t0
+        if not decode:
+            return None, final
+        t0 = time.perf_counter()
+        pixels = jax.block_until_ready(stages.vae_decode(self._vae.graphdef, self._vae.state, final))
+        timings["decode_s"] = time.perf_counter() - t0
+        return pixels, final
+
+    def _ip_conditioning(self, image_prompts, batch: int, cfg: bool, height: int, width: int, embeds):
+        if not self.adapters:
+            if image_prompts:
+                raise UserError("image prompts were given but no IP-Adapter is loaded; pass adapters.")
+            return None
+        if not image_prompts:
+            raise UserError(f"{len(self.adapters)} IP-Adapter(s) are loaded; pass images (one entry per adapter).")
+        self._check_prompts(image_prompts)
+        tokens, scales, masks = [], [], []
+        for (neg, pos), ip in zip(self.image_tokens(image_prompts, embeds), image_prompts, strict=True):
+            pos_b = jnp.broadcast_to(pos, (batch, *pos.shape[1:]))
+            tok = interleave(jnp.broadcast_to(neg, pos_b.shape), pos_b) if cfg else pos_b
+            tokens.append(self._place(tok, tok.shape[0]))
+            n_masked = pos.shape[1] if ip.masks else None
+            if ip.masks and len(ip.masks) != pos.shape[1]:
+                raise UserError(f"give one mask per reference image: {pos.shape[1]} images, {len(ip.masks)} masks.")
+            scales.append(jnp.asarray(layer_scales(ip.scale, self.base.unet.config, n_masked)))
+            masks.append(jnp.asarray(ip_masks(ip.masks, height, width)) if ip.masks else None)
+        return IPConditioning(tokens=tuple(tokens), scales=tuple(scales), masks=tuple(masks))
+
+    def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
+        """Pure noise (text-to-image), the noised init image (image-to-image), plus mask inputs (inpainting)."""
+        vae = self._vae
+        unet_channels = self.base.unet.config.in_channels
+        if init is None:
+            if unet_channels != noise.latents.shape[-1]:
+                raise UserError(f"this UNet takes {unet_channels} input channels (an inpainting model): pass "
+                                "init_image and mask_image.")
+            return jnp.asarray(noise.latents) * plan.init_noise_sigma, None
+        pixels = np.broadcast_to(imaging.vae_input(init, height, width), (batch, height, width, 3))
+        nine = unet_channels == 9
+        need_image_latents = mask is None or not nine or strength < 1.0
+        image_latents = (stages.vae_encode(vae.graphdef, vae.state, self._place(pixels, batch),
+                                           self._place(noise.image, batch)) if need_image_latents else None)
+        if mask is None:
+            return sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0), None
+        if unet_channels not in (4, 9):
+            raise UserError(f"inpainting supports 4- and 9-channel UNets, not {unet_channels}.")
+        binary = imaging.binary_mask(mask, height, width)
+        masked_pixels = pixels * (binary[None, :, :, None] < 0.5)
+        masked = stages.vae_encode(vae.graphdef, vae.state, self._place(np.ascontiguousarray(masked_pixels), batch),
+                                   self._place(noise.masked, batch))
+        small = nearest_resize(jnp.asarray(binary)[None, :, :, None], noise.latents.shape[1:3])
+        small = jnp.broadcast_to(small, (batch, *small.shape[1:]))
+        if strength == 1.0:
+            latents = jnp.asarray(noise.latents) * plan.init_noise_sigma
+        else:
+            latents = sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0)
+        inpaint = Inpainting(mask=self._place(small, batch), masked_latents=masked if nine else None,
+                             image_latents=None if nine else image_latents,
+                             noise=None if nine else self._place(jnp.asarray(noise.latents), batch))
+        return latents, inpaint
+

@@ -1,0 +1,82 @@
+"""The compiled stages of generation. Each is a pure function of (graphdef, state) pairs and arrays under
+`jax.jit`, so XLA caches one executable per model and input shape; a graphdef is static (hashable), states and
+inputs are traced. Shardings follow the inputs: parameters replicated, batches split over the mesh's devices."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models.image_proj import IMAGE_EMBEDS, AdapterSpec, project_tokens
+from ipadapter_jax.models.vae import scale_latents
+from ipadapter_jax.pipelines import prompts
+from ipadapter_jax.pipelines.denoise import Conditioning, Inpainting, denoise
+from ipadapter_jax.schedulers import Plan, Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A module split once into its static graph and its arrays (placed where the pipeline wants them)."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+
+    @classmethod
+    def of(cls, module: nnx.Module, sharding=None) -> Bound:
+        graphdef, state = nnx.split(module)
+        if sharding is not None:
+            state = jax.device_put(state, sharding)
+        return cls(graphdef, state)
+
+    def module(self):
+        return nnx.merge(self.graphdef, self.state)
+
+
+@partial(jax.jit, static_argnums=0)
+def encode_text(graphdefs, states, ids):
+    encoders = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
+    return prompts.encode(encoders, ids)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def image_features(graphdef, state, kind: str, pixel_values_NCHW, zero_image: bool = False):
+    """`kind`: image_embeds or hidden_states[-2]; `zero_image` runs the encoder on an all-zero pixel tensor."""
+    encoder = nnx.merge(graphdef, state)
+    pixels = jnp.zeros_like(pixel_values_NCHW) if zero_image else pixel_values_NCHW
+    out = encoder(pixels)
+    return out.image_embeds if kind == IMAGE_EMBEDS else out.hidden_states[-2]
+
+
+@partial(jax.jit, static_argnums=(0, 2, 5))
+def image_tokens(graphdef, state, spec: AdapterSpec, features, face_embeds, shortcut: bool, shortcut_scale):
+    return project_tokens(nnx.merge(graphdef, state), spec, features, face_embeds, shortcut=shortcut,
+                          shortcut_scale=shortcut_scale)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def vae_encode(graphdef, state, pixels_BHWC, eps):
+    """Scaled latents of images in [-1, 1]: the posterior sample mean + std * eps (eps: standard normal)."""
+    vae = nnx.merge(graphdef, state)
+    posterior = vae.encode(pixels_BHWC)
+    z = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
+    c = vae.config
+    return scale_latents(z, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor,
+                         latents_mean=c.latents_mean, latents_std=c.latents_std)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def vae_decode(graphdef, state, latents_BHWC):
+    vae = nnx.merge(graphdef, state)
+    return vae.pixels_from_latents(latents_BHWC).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnums=(0, 2, 10))
+def run_denoise(graphdef, state, scheduler: Scheduler, plan: Plan, latents, cond: Conditioning, guidance_scale,
+                guidance_rescale, ip_window, keys, cfg: bool, inpaint: Inpainting | None):
+    unet = nnx.merge(graphdef, state)
+    return denoise(unet, scheduler, plan, latents, cond, guidance_scale=guidance_scale,
+                   guidance_rescale=guidance_rescale, ip_window=ip_window, keys=keys, cfg=cfg, inpaint=inpaint)
