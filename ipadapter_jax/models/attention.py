@@ -108,12 +108,14 @@ class Attention(nnx.Module):
         total = jnp.zeros_like(q_BLHD)
         for a, (tokens_BNTC, scale, mask) in enumerate(zip(ip.tokens, ip.scales, ip.masks, strict=True)):
             to_k, to_v = self.to_k_ip[a], self.to_v_ip[a]
-            layer_scale = scale[self.ip_layer].astype(q_BLHD.dtype)
             if mask is None:
+                # scale: (n_layers,) for the whole batch, or (B, n_layers) per batch row
+                layer_scale = scale[..., self.ip_layer].astype(q_BLHD.dtype).reshape(-1, 1, 1, 1)
                 tokens = tokens_BNTC.reshape(tokens_BNTC.shape[0], -1, tokens_BNTC.shape[-1])
                 o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
                 total = total + layer_scale * o
                 continue
+            layer_scale = scale[self.ip_layer].astype(q_BLHD.dtype)
             mask_BNL = downsample_mask(mask, q_BLHD.shape[1], spatial).astype(q_BLHD.dtype)
             for j in range(tokens_BNTC.shape[1]):
                 tokens = tokens_BNTC[:, j]

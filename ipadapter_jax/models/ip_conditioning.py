@@ -22,8 +22,9 @@ class IPConditioning:
 
     tokens[a]: (B, N_img, T, C) projected image tokens; without a mask the N_img images are concatenated
         along the token axis, as diffusers does.
-    scales[a]: (n_layers,) scale of each cross-attention layer in the official `ip_adapter.<2i+1>` order, or
-        (n_layers, N_img) when the adapter has masks (one scale per masked image).
+    scales[a]: (n_layers,) scale of each cross-attention layer in the official `ip_adapter.<2i+1>` order,
+        (B, n_layers) for a scale per batch row, or (n_layers, N_img) when the adapter has masks (one scale per
+        masked image).
     masks[a]: None, or (N_img, H, W) values in [0, 1] at output-image resolution (the same for every batch
         row, negative branch included, as in diffusers); each image then only acts where its mask is set.
     """

@@ -70,7 +70,8 @@ def step_noise(keys: jax.Array, i, shape: tuple[int, ...]) -> jax.Array:
 def denoise(unet: UNet2DConditionModel, scheduler: Scheduler, plan: Plan, latents: jax.Array, cond: Conditioning,
             *, guidance_scale: jax.Array, guidance_rescale: jax.Array, ip_window: jax.Array, keys: jax.Array,
             cfg: bool, inpaint: Inpainting | None = None) -> jax.Array:
-    """Run every step of `plan` from `latents` (B, h, w, 4), already scaled by the initial noise sigma."""
+    """Run every step of `plan` from `latents` (B, h, w, 4), already scaled by the initial noise sigma.
+    `guidance_scale`/`guidance_rescale`: scalars or (B,) per item."""
     dtype = unet.conv_in.kernel.dtype
     nine_channel = unet.config.in_channels == 9
     if nine_channel and (inpaint is None or inpaint.masked_latents is None):
@@ -90,8 +91,9 @@ def denoise(unet: UNet2DConditionModel, scheduler: Scheduler, plan: Plan, latent
         if cfg:
             pairs = out.reshape(x.shape[0], 2, *x.shape[1:])
             negative, positive = pairs[:, 0], pairs[:, 1]
-            out = negative + guidance_scale * (positive - negative)
-            out = rescale_guidance(out, positive, guidance_rescale)
+            per_item = (-1,) + (1,) * (x.ndim - 1)  # guidance: a scalar or one value per item
+            out = negative + guidance_scale.reshape(per_item) * (positive - negative)
+            out = rescale_guidance(out, positive, guidance_rescale.reshape(per_item))
         noise = step_noise(keys, i, x.shape[1:]) if plan.needs_noise else None
         x, state = scheduler.step(plan, state, out, x, i, noise=noise)
         if inpaint is not None and inpaint.image_latents is not None:

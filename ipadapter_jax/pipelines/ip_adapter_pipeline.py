@@ -268,31 +268,39 @@ class IPAdapterPipeline:
         return GenerationOutput(images=images_out, latents=result_latents, timings=timings)
 
     def _place(self, x, count: int):
-        """Put a batch-leading array on the mesh (split over devices when the batch divides evenly)."""
+        """Put a batch-leading array on the mesh, split over its devices when the batch divides evenly.
+        Built from host data with `make_array_from_callback`, which also holds across several processes."""
         if x is None:
             return None
-        n = self.mesh.size
-        sharding = self._batch if count % n == 0 else NamedSharding(self.mesh, P())
-        return jax.device_put(x, sharding)
+        sharding = self._batch if count % self.mesh.size == 0 else NamedSharding(self.mesh, P())
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(x) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+        if host is None:  # typed PRNG keys stay device arrays
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     def generate_batch(self, positive: list[str], negative: list[str] | None, image_prompts: list[ImagePrompt], *,
                        noise: Noise, num_inference_steps: int, guidance_scale: float, guidance_rescale: float,
                        height: int, width: int, init=None, mask=None, strength: float = 1.0,
                        ip_window=(0.0, 1.0), eta: float = 0.0, scheduler: str | None = None,
                        original_size=None, crops_coords_top_left=(0, 0), embeds=None, decode: bool = True,
-                       timings: dict | None = None):
-        """One compiled batch: B prompts sharing the image prompts. Returns (pixels or None, final latents)."""
+                       timings: dict | None = None, per_item: list[list[ImagePrompt]] | None = None):
+        """One compiled batch of B prompts: the image prompts are shared, or given `per_item`; guidance may be
+        one value per item. Returns (pixels or None, final latents)."""
         timings = {} if timings is None else timings
         base = self.base
         batch = len(positive)
-        cfg = guidance_scale > 1.0
+        guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch,))
+        rescale = np.broadcast_to(np.asarray(guidance_rescale, np.float32), (batch,))
+        cfg = bool(np.any(guidance > 1.0))
         sched = base.scheduler if scheduler is None else make_scheduler(scheduler, base.scheduler_config)
         plan = sched.plan(num_inference_steps, strength=strength, eta=eta)
 
         t0 = time.perf_counter()
         ids = prompts.tokenize_all(base.tokenizers, positive)
         context, pooled = stages.encode_text(self._text_graphs, self._text_states,
-                                             tuple(jnp.asarray(i) for i in ids))
+                                             tuple(self._place(i, batch) for i in ids))
         if cfg:
             zero_negative = negative is None and base.is_xl and base.force_zeros_for_empty_prompt
             if zero_negative:
@@ -300,7 +308,7 @@ class IPAdapterPipeline:
             else:
                 neg_ids = prompts.tokenize_all(base.tokenizers, negative or [""] * batch)
                 neg_context, neg_pooled = stages.encode_text(self._text_graphs, self._text_states,
-                                                             tuple(jnp.asarray(i) for i in neg_ids))
+                                                             tuple(self._place(i, batch) for i in neg_ids))
             context = interleave(neg_context, context)
             pooled = interleave(neg_pooled, pooled) if pooled is not None else None
         time_ids = None
@@ -311,7 +319,7 @@ class IPAdapterPipeline:
         timings["text_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ip = self._ip_conditioning(image_prompts, batch, cfg, height, width, embeds)
+        ip = self._ip_conditioning(image_prompts, batch, cfg, height, width, embeds, per_item)
         timings["image_prompt_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -320,8 +328,8 @@ class IPAdapterPipeline:
                             pooled=self._place(pooled, context.shape[0]),
                             time_ids=self._place(time_ids, context.shape[0]), ip=ip)
         final = stages.run_denoise(self._unet.graphdef, self._unet.state, sched, plan,
-                                   self._place(latents, batch), cond, jnp.float32(guidance_scale),
-                                   jnp.float32(guidance_rescale), jnp.asarray(ip_window, jnp.float32),
+                                   self._place(latents, batch), cond, self._place(guidance, batch),
+                                   self._place(rescale, batch), jnp.asarray(ip_window, jnp.float32),
                                    self._place(noise.keys, batch), cfg, inpaint)
         final = jax.block_until_ready(final)
         timings["denoise_s"] = time.perf_counter() - t0
@@ -332,24 +340,48 @@ class IPAdapterPipeline:
         timings["decode_s"] = time.perf_counter() - t0
         return pixels, final
 
-    def _ip_conditioning(self, image_prompts, batch: int, cfg: bool, height: int, width: int, embeds):
+    def _ip_conditioning(self, image_prompts, batch: int, cfg: bool, height: int, width: int, embeds,
+                         per_item: list[list[ImagePrompt]] | None = None):
+        """IP tokens, scales and masks for the batch: shared image prompts, or one list of them per item."""
         if not self.adapters:
-            if image_prompts:
+            if image_prompts or per_item:
                 raise UserError("image prompts were given but no IP-Adapter is loaded; pass adapters.")
             return None
-        if not image_prompts:
-            raise UserError(f"{len(self.adapters)} IP-Adapter(s) are loaded; pass images (one entry per adapter).")
-        self._check_prompts(image_prompts)
+        if per_item is None:
+            if not image_prompts:
+                raise UserError(f"{len(self.adapters)} IP-Adapter(s) are loaded; pass images (one entry per adapter).")
+            self._check_prompts(image_prompts)
+            pairs = self.image_tokens(image_prompts, embeds)
+            rows = [[(jnp.broadcast_to(neg, (batch, *neg.shape[1:])), jnp.broadcast_to(pos, (batch, *pos.shape[1:])))
+                     for neg, pos in pairs]]
+            prompts_by_item = [image_prompts]
+        else:
+            if len(per_item) != batch:
+                raise ValueError(f"{len(per_item)} image-prompt lists for a batch of {batch}")
+            rows = [self.image_tokens(item) for item in per_item]
+            prompts_by_item = per_item
         tokens, scales, masks = [], [], []
-        for (neg, pos), ip in zip(self.image_tokens(image_prompts, embeds), image_prompts, strict=True):
-            pos_b = jnp.broadcast_to(pos, (batch, *pos.shape[1:]))
-            tok = interleave(jnp.broadcast_to(neg, pos_b.shape), pos_b) if cfg else pos_b
+        for a in range(len(self.adapters)):
+            neg = jnp.concatenate([row[a][0] for row in rows])
+            pos = jnp.concatenate([row[a][1] for row in rows])
+            if len({(p.shape[1:]) for p in (neg, pos)}) != 1:
+                raise UserError(f"adapter {a}: every item of a batch needs the same number of reference images.")
+            tok = interleave(neg, pos) if cfg else pos
             tokens.append(self._place(tok, tok.shape[0]))
-            n_masked = pos.shape[1] if ip.masks else None
-            if ip.masks and len(ip.masks) != pos.shape[1]:
-                raise UserError(f"give one mask per reference image: {pos.shape[1]} images, {len(ip.masks)} masks.")
-            scales.append(jnp.asarray(layer_scales(ip.scale, self.base.unet.config, n_masked)))
-            masks.append(jnp.asarray(ip_masks(ip.masks, height, width)) if ip.masks else None)
+            first = prompts_by_item[0][a]
+            n_images = pos.shape[1]
+            if first.masks and len(first.masks) != n_images:
+                raise UserError(f"give one mask per reference image: {n_images} images, {len(first.masks)} masks.")
+            n_masked = n_images if first.masks else None
+            item_scales = [layer_scales(item[a].scale, self.base.unet.config, n_masked) for item in prompts_by_item]
+            if all(np.array_equal(item_scales[0], x) for x in item_scales):
+                scales.append(jnp.asarray(item_scales[0]))
+            elif n_masked is not None:
+                raise UserError("items with masks in one batch must share their IP-Adapter scales.")
+            else:  # one row of scales per batch row (negative and positive branch alike)
+                per_row = np.stack(item_scales)
+                scales.append(jnp.asarray(np.repeat(per_row, 2, axis=0) if cfg else per_row))
+            masks.append(jnp.asarray(ip_masks(first.masks, height, width)) if first.masks else None)
         return IPConditioning(tokens=tuple(tokens), scales=tuple(scales), masks=tuple(masks))
 
     def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
@@ -361,7 +393,8 @@ class IPAdapterPipeline:
                 raise UserError(f"this UNet takes {unet_channels} input channels (an inpainting model): pass "
                                 "init_image and mask_image.")
             return jnp.asarray(noise.latents) * plan.init_noise_sigma, None
-        pixels = np.broadcast_to(imaging.vae_input(init, height, width), (batch, height, width, 3))
+        inits = init if isinstance(init, (list, tuple)) else [init] * batch
+        pixels = np.stack([imaging.vae_input(i, height, width) for i in inits])
         nine = unet_channels == 9
         need_image_latents = mask is None or not nine or strength < 1.0
         image_latents = (stages.vae_encode(vae.graphdef, vae.state, self._place(pixels, batch),
@@ -370,12 +403,12 @@ class IPAdapterPipeline:
             return sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0), None
         if unet_channels not in (4, 9):
             raise UserError(f"inpainting supports 4- and 9-channel UNets, not {unet_channels}.")
-        binary = imaging.binary_mask(mask, height, width)
-        masked_pixels = pixels * (binary[None, :, :, None] < 0.5)
-        masked = stages.vae_encode(vae.graphdef, vae.state, self._place(np.ascontiguousarray(masked_pixels), batch),
+        masks = mask if isinstance(mask, (list, tuple)) else [mask] * batch
+        binary = np.stack([imaging.binary_mask(m, height, width) for m in masks])[..., None]
+        masked_pixels = np.ascontiguousarray(pixels * (binary < 0.5))
+        masked = stages.vae_encode(vae.graphdef, vae.state, self._place(masked_pixels, batch),
                                    self._place(noise.masked, batch))
-        small = nearest_resize(jnp.asarray(binary)[None, :, :, None], noise.latents.shape[1:3])
-        small = jnp.broadcast_to(small, (batch, *small.shape[1:]))
+        small = nearest_resize(jnp.asarray(binary), noise.latents.shape[1:3])
         if strength == 1.0:
             latents = jnp.asarray(noise.latents) * plan.init_noise_sigma
         else:
