@@ -137,7 +137,7 @@ def _expand_dict(scale: dict, config: UNetConfig) -> dict[str, Any]:
             if len(values) == 1:
                 values = values * count
             if len(values) != count:
-                raise UserError(f"IP-Adapter scale for {side}.block_{i} needs {count} values (one per attention "
+                raise UserError(f"IP-Adapter scale for {side}.block_{i} needs {count} value(s) (one per attention "
                                 f"module), got {len(values)}.")
             for j, vj in enumerate(values):
                 out[f"{side}_blocks.{i}.attentions.{j}"] = vj

@@ -42,7 +42,7 @@ def encode_text(graphdefs, states, ids):
     return prompts.encode(encoders, ids)
 
 
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jax.jit, static_argnums=(0, 2, 4))
 def image_features(graphdef, state, kind: str, pixel_values_NCHW, zero_image: bool = False):
     """`kind`: image_embeds or hidden_states[-2]; `zero_image` runs the encoder on an all-zero pixel tensor."""
     encoder = nnx.merge(graphdef, state)
