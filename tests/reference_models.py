@@ -78,3 +78,86 @@ def save_clip_vision(folder: Path, config: dict, seed: int = 0, **save_kwargs):
     model = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**config)), seed).eval()
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+def official_ip_adapter(unet, variant: str, *, image_dim: int = 24, tokens: int = 4, resampler: dict | None = None,
+                        face_dim: int = 16, lora_rank: int = 0, seed: int = 0, dtype=None) -> dict:
+    """A random IP-Adapter state dict in the OFFICIAL nested layout ({"image_proj", "ip_adapter"}, torch tensors),
+    written from the official module definitions and numbered from diffusers' `unet.attn_processors` order.
+
+    resampler (plus, faceid-plus): dict(dim, depth, heads, embedding_dim) with dim_head 64 and ff_mult 4.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    cross = unet.config.cross_attention_dim
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=gen) * 0.2).to(dtype)
+
+    def linear(prefix, n_in, n_out, bias=True):
+        out = {f"{prefix}.weight": rnd(n_out, n_in)}
+        if bias:
+            out[f"{prefix}.bias"] = rnd(n_out)
+        return out
+
+    def norm(prefix, n):
+        return {f"{prefix}.weight": 1 + rnd(n), f"{prefix}.bias": rnd(n)}
+
+    def perceiver(prefix, dim, depth, heads, embedding_dim, out_dim):
+        sd = {**linear(f"{prefix}proj_in", embedding_dim, dim), **linear(f"{prefix}proj_out", dim, out_dim),
+              **norm(f"{prefix}norm_out", out_dim)}
+        inner = 64 * heads
+        for i in range(depth):
+            p = f"{prefix}layers.{i}"
+            sd.update({**norm(f"{p}.0.norm1", dim), **norm(f"{p}.0.norm2", dim),
+                       **linear(f"{p}.0.to_q", dim, inner, False), **linear(f"{p}.0.to_kv", dim, 2 * inner, False),
+                       **linear(f"{p}.0.to_out", inner, dim, False), **norm(f"{p}.1.0", dim),
+                       **linear(f"{p}.1.1", dim, 4 * dim, False), **linear(f"{p}.1.3", 4 * dim, dim, False)})
+        return sd
+
+    if variant == "base":
+        proj = {**linear("proj", image_dim, tokens * cross), **norm("norm", cross)}
+    elif variant == "full":
+        proj = {**linear("proj.0", image_dim, image_dim), **linear("proj.2", image_dim, cross),
+                **norm("proj.3", cross)}
+    elif variant == "plus":
+        r = resampler
+        proj = {"latents": rnd(1, tokens, r["dim"]),
+                **perceiver("", r["dim"], r["depth"], r["heads"], r["embedding_dim"], cross)}
+    elif variant in ("faceid", "faceid-plus"):
+        proj = {**linear("proj.0", face_dim, 2 * face_dim), **linear("proj.2", 2 * face_dim, tokens * cross),
+                **norm("norm", cross)}
+        if variant == "faceid-plus":
+            r = resampler
+            proj.update(perceiver("perceiver_resampler.", cross, r["depth"], r["heads"], r["embedding_dim"], cross))
+    else:
+        raise ValueError(variant)
+
+    ip = {}
+    for index, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden, kv_in = attn.to_q.out_features, attn.to_k.in_features
+        if name.endswith("attn2.processor"):
+            ip[f"{index}.to_k_ip.weight"] = rnd(hidden, cross)
+            ip[f"{index}.to_v_ip.weight"] = rnd(hidden, cross)
+        if lora_rank:
+            for target, n_in in (("to_q", hidden), ("to_k", kv_in), ("to_v", kv_in), ("to_out", hidden)):
+                ip[f"{index}.{target}_lora.down.weight"] = rnd(lora_rank, n_in)
+                ip[f"{index}.{target}_lora.up.weight"] = rnd(hidden, lora_rank)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def save_official_ip_adapter(state: dict, path: Path) -> Path:
+    """Write an official-layout adapter: `.bin` nested via torch.save, `.safetensors` flattened with prefixes."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
