@@ -184,9 +184,10 @@ def _write_model(folder: Path, config: dict, build, basename: str, seed: int) ->
     save_safetensors(_random_state(build, seed), folder / f"{basename}.safetensors")
 
 
-def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, in_channels: int = 4) -> Path:
+def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: dict, text_2: dict | None = None,
+                          scheduler: dict, seed: int = 0) -> Path:
     """A diffusers-format Stable Diffusion folder (model_index.json, unet, vae, text encoder(s), tokenizer(s),
-    scheduler) with tiny random weights: 64x64 images from 16x16 latents. `in_channels=9`: an inpainting UNet."""
+    scheduler) with random weights for the given configs (the tokenizers are the tiny byte-level ones)."""
     from flax import nnx
 
     from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -194,102 +195,75 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, i
     from ipadapter_jax.models.unet_config import UNetConfig
     from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
-    if kind not in ("sd15", "sdxl"):
-        raise ValueError(f"kind must be sd15 or sdxl, not {kind!r}")
     folder = Path(folder)
-    xl = kind == "sdxl"
-    unet_cfg = {**(TINY_UNET_XL if xl else TINY_UNET), "in_channels": in_channels}
-    _write_model(
-        folder / "unet",
-        unet_cfg,
-        lambda: UNet2DConditionModel(UNetConfig.from_dict(unet_cfg), rngs=nnx.Rngs(0)),
-        "diffusion_pytorch_model",
-        seed,
-    )
-    _write_model(
-        folder / "vae",
-        TINY_VAE,
-        lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(TINY_VAE), rngs=nnx.Rngs(0)),
-        "diffusion_pytorch_model",
-        seed + 1,
-    )
-    _write_model(
-        folder / "text_encoder",
-        TINY_TEXT,
-        lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY_TEXT), rngs=nnx.Rngs(0)),
-        "model",
-        seed + 2,
-    )
+    rngs = lambda: nnx.Rngs(0)  # noqa: E731 - only shapes are traced (eval_shape)
+    _write_model(folder / "unet", unet, lambda: UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs()),
+                 "diffusion_pytorch_model", seed)
+    _write_model(folder / "vae", vae, lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(vae), rngs=rngs()),
+                 "diffusion_pytorch_model", seed + 1)
+    _write_model(folder / "text_encoder", text, lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs()),
+                 "model", seed + 2)
     write_tiny_tokenizer(folder / "tokenizer")
     index = {
-        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if text_2 else "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", (SCHEDULER_XL if xl else SCHEDULER)["_class_name"]],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
     }
-    if xl:
-        text2 = {**TINY_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu"}
-        _write_model(
-            folder / "text_encoder_2",
-            text2,
-            lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(text2), rngs=nnx.Rngs(0)),
-            "model",
-            seed + 3,
-        )
+    if text_2:
+        _write_model(folder / "text_encoder_2", text_2,
+                     lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(text_2), rngs=rngs()), "model",
+                     seed + 3)
         write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
-        index.update(
-            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-            tokenizer_2=["transformers", "CLIPTokenizer"],
-            force_zeros_for_empty_prompt=True,
-        )
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
     else:
-        index.update(
-            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
-        )
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SCHEDULER_XL if xl else SCHEDULER, indent=2)
-    )
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
-def write_tiny_image_encoder(folder: str | Path, seed: int = 1) -> Path:
-    """A transformers `CLIPVisionModelWithProjection` folder (32 px, ViT with 24-d image_embeds) plus its
-    preprocessor_config.json."""
+def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, in_channels: int = 4) -> Path:
+    """A tiny random SD1.5- or SDXL-shaped pipeline folder: 64x64 images from 16x16 latents.
+    `in_channels=9` gives an inpainting UNet."""
+    if kind not in ("sd15", "sdxl"):
+        raise ValueError(f"kind must be sd15 or sdxl, not {kind!r}")
+    xl = kind == "sdxl"
+    unet = {**(TINY_UNET_XL if xl else TINY_UNET), "in_channels": in_channels}
+    text_2 = {**TINY_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu"} if xl else None
+    return write_random_pipeline(folder, unet=unet, vae=TINY_VAE, text=TINY_TEXT, text_2=text_2,
+                                 scheduler=SCHEDULER_XL if xl else SCHEDULER, seed=seed)
+
+
+def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) -> Path:
+    """A transformers `CLIPVisionModelWithProjection` folder with random weights plus its
+    preprocessor_config.json (CLIP's standard preprocessing at the config's image size)."""
     from flax import nnx
 
     from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = Path(folder)
-    config = CLIPVisionConfig.from_dict(TINY_IMAGE_ENCODER)
-    _write_model(
-        folder,
-        TINY_IMAGE_ENCODER,
-        lambda: CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0)),
-        "model",
-        seed,
-    )
-    size = TINY_IMAGE_ENCODER["image_size"]
+    parsed = CLIPVisionConfig.from_dict(config)
+    _write_model(folder, config, lambda: CLIPVisionModelWithProjection(parsed, rngs=nnx.Rngs(0)), "model", seed)
+    size = config["image_size"]
     processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": size},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
+
+
+def write_tiny_image_encoder(folder: str | Path, seed: int = 1) -> Path:
+    """A tiny CLIP image encoder folder: 32 px, a ViT with 24-d image_embeds."""
+    return write_random_image_encoder(folder, TINY_IMAGE_ENCODER, seed)
 
 
 def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_encoder_folder: str | Path,

@@ -1,0 +1,168 @@
+"""Full generation with an IP-Adapter (encode prompt and image, N denoising steps with classifier-free
+guidance, VAE decode) on an SD1.5-size pipeline with random weights written to disk in the real formats: this
+project (JAX) against diffusers (PyTorch) in the same run, same machine, same folder. Also load time from the
+local folder and the first call's compile time; on a GPU, images/s and the fraction of peak FLOP/s.
+
+    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 3] [--dtype float32]
+
+Last line: RESULT name=generate ours_s=<median> reference_s=<median> speedup=<reference/ours>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import configure_xla_for_cpu
+
+configure_xla_for_cpu()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ipadapter_jax.tiny_models import (  # noqa: E402
+    SCHEDULER,
+    write_random_image_encoder,
+    write_random_pipeline,
+    write_tiny_ip_adapter,
+)
+
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 64, "in_channels": 4, "out_channels": 4,
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 768,
+    "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "max_position_embeddings": 77,
+    "vocab_size": 49408, "hidden_act": "quick_gelu", "bos_token_id": 0, "eos_token_id": 2, "projection_dim": 768,
+}
+VIT_H = {
+    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_size": 1280,
+    "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32, "patch_size": 14,
+    "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu",
+}
+UNET_TFLOP_PER_IMAGE = 0.789  # SD1.5 UNet forward at 512x512 (XLA cost analysis, jax-stack.md)
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}
+
+
+def write_models(root: Path) -> tuple[Path, Path, Path]:
+    base = write_random_pipeline(root / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SCHEDULER)
+    encoder = write_random_image_encoder(root / "image_encoder", VIT_H)
+    adapter = write_tiny_ip_adapter(root / "ip-adapter_sd15.safetensors", base, encoder)
+    return base, encoder, adapter
+
+
+def reference_image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8))
+
+
+def time_ours(base, encoder, adapter, args):
+    from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+
+    start = time.perf_counter()
+    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[adapter], dtype=args.dtype)
+    load_s = time.perf_counter() - start
+    call = dict(images=[reference_image()], num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
+                width=args.size, num_images_per_prompt=args.batch, output_type="np")
+    start = time.perf_counter()
+    pipe("a photo", seed=0, **call)
+    first_s = time.perf_counter() - start
+    times = []
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        pipe("a photo", seed=r + 1, **call)
+        times.append(time.perf_counter() - start)
+    return load_s, first_s, times
+
+
+def time_reference(base, encoder, adapter, args):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name,
+                         image_encoder_folder=encoder.name, torch_dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    call = dict(ip_adapter_image=reference_image(), num_inference_steps=args.steps, guidance_scale=7.5,
+                height=args.size, width=args.size, num_images_per_prompt=args.batch, output_type="np")
+
+    def run(seed):
+        with torch.no_grad():
+            pipe("a photo", generator=torch.Generator(device).manual_seed(seed), **call)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    run(0)
+    first_s = time.perf_counter() - start
+    times = []
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        run(r + 1)
+        times.append(time.perf_counter() - start)
+    return load_s, first_s, times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--models", type=Path, help="reuse (or create) the random model folder here")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; "
+          f"{args.steps} steps, {args.size}x{args.size}, batch {args.batch}, {args.dtype}")
+    root = args.models or Path(tempfile.mkdtemp(prefix="ipadapter-bench-"))
+    start = time.perf_counter()
+    if (root / "sd15" / "model_index.json").exists():
+        base, encoder, adapter = root / "sd15", root / "image_encoder", root / "ip-adapter_sd15.safetensors"
+    else:
+        base, encoder, adapter = write_models(root)
+    print(f"models in {root} ({time.perf_counter() - start:.0f} s to write)")
+
+    load, first, times = time_ours(base, encoder, adapter, args)
+    ours = statistics.median(times)
+    print(f"ours: load {load:.1f} s, first call (compile + run) {first:.1f} s, median {ours:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in times)}), {args.batch / ours:.3f} images/s")
+    unet_flop = UNET_TFLOP_PER_IMAGE * (args.size / 512) ** 2 * 2 * (args.steps + 1) * args.batch * 1e12
+    if jax.default_backend() == "gpu":
+        kind = jax.devices()[0].device_kind
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+        achieved = unet_flop / ours / 1e12
+        print(f"ours: UNet work {unet_flop / 1e12:.1f} TFLOP per call -> {achieved:.0f} TFLOP/s"
+              + (f" = {achieved / peak:.1%} of {kind}'s {peak} TFLOP/s dense bf16 peak" if peak else ""))
+    if args.skip_reference:
+        print(f"RESULT name=generate ours_s={ours:.4f} reference_s=nan speedup=nan")
+        return
+    rload, rfirst, rtimes = time_reference(base, encoder, adapter, args)
+    ref = statistics.median(rtimes)
+    print(f"reference (diffusers): load {rload:.1f} s, first call {rfirst:.1f} s, median {ref:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in rtimes)}), {args.batch / ref:.3f} images/s")
+    print(f"RESULT name=generate ours_s={ours:.4f} reference_s={ref:.4f} speedup={ref / ours:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
