@@ -71,23 +71,38 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     ours_out = np.asarray(compiled(*inputs).block_until_ready()).astype(np.float32)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        compiled(*inputs).block_until_ready()
-        times.append(time.perf_counter() - start)
-    ours_s = statistics.median(times)
-    print(f"ours: compile {compile_s:.1f} s, median {ours_s:.3f} s over {args.repeats} "
-          f"({', '.join(f'{s:.2f}' for s in times)}), {flops / ours_s / 1e9:.0f} GFLOP/s of {flops / 1e12:.3f} TFLOP")
 
-    if args.skip_reference:
+    def run_ours():
+        compiled(*inputs).block_until_ready()
+
+    run_ref = None
+    if not args.skip_reference:
+        run_ref, ref_out = _reference(unet, args, x, t, ctx, ip_tokens)
+    # Alternate the two so that load from elsewhere on the machine affects both alike; report medians.
+    ours_times, ref_times = [], []
+    for _ in range(args.repeats):
+        ours_times.append(_timed(run_ours))
+        if run_ref is not None:
+            ref_times.append(_timed(run_ref))
+    ours_s = statistics.median(ours_times)
+    print(f"ours: compile {compile_s:.1f} s, median {ours_s:.3f} s over {args.repeats} "
+          f"({', '.join(f'{s:.2f}' for s in ours_times)}), {flops / ours_s / 1e9:.0f} GFLOP/s of "
+          f"{flops / 1e12:.3f} TFLOP")
+    if run_ref is None:
         print(f"RESULT name=unet_step ours_s={ours_s:.4f} reference_s=nan speedup=nan")
         return
-    ref_s, ref_out = _reference(unet, args, x, t, ctx, ip_tokens)
+    ref_s = statistics.median(ref_times)
     err = float(np.linalg.norm(ours_out - ref_out) / np.linalg.norm(ref_out))
-    print(f"reference (diffusers {args.dtype}, torch threads {_torch_threads()}): median {ref_s:.3f} s, "
-          f"{flops / ref_s / 1e9:.0f} GFLOP/s; relative difference of outputs {err:.2e}")
+    print(f"reference (diffusers {args.dtype}, torch threads {_torch_threads()}): median {ref_s:.3f} s "
+          f"({', '.join(f'{s:.2f}' for s in ref_times)}), {flops / ref_s / 1e9:.0f} GFLOP/s; relative difference "
+          f"of outputs {err:.2e}")
     print(f"RESULT name=unet_step ours_s={ours_s:.4f} reference_s={ref_s:.4f} speedup={ref_s / ours_s:.2f}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _torch_threads() -> int:
@@ -135,12 +150,7 @@ def _reference(unet, args, x, t, ctx, ip_tokens):
         return out
 
     out = run()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out.float().cpu().numpy().transpose(0, 2, 3, 1)
+    return run, out.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
 if __name__ == "__main__":

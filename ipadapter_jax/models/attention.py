@@ -57,12 +57,16 @@ def attention(q_BLHD, k_BSHD, v_BSHD, implementation: Implementation = "auto"):
         backend = jax.default_backend()
         if backend == "gpu" and q_BLHD.dtype in (jnp.bfloat16, jnp.float16):
             implementation = "cudnn"
-        elif backend == "cpu" and q_BLHD.shape[1] * k_BSHD.shape[1] >= 2048 * 2048:
+        elif backend == "cpu" and q_BLHD.shape[1] >= 1024 and k_BSHD.shape[1] >= 1024:
             implementation = "chunked"
         else:
             implementation = "xla"
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError, TypeError):
+            # cuDNN's fused kernel has shape limits (e.g. head dims above 128, as SD1.5's 160): use XLA there.
+            return _plain(q_BLHD, k_BSHD, v_BSHD)
     if implementation == "chunked":
         return _chunked(q_BLHD, k_BSHD, v_BSHD)
     if implementation == "xla":

@@ -3,6 +3,8 @@ IP-Adapter cross-attention built in. Attribute paths mirror diffusers' module pa
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -91,6 +93,8 @@ class UNet2DConditionModel(nnx.Module):
             added = jnp.concatenate([text_embeds.astype(jnp.float32), time_feats.reshape(batch, -1)], axis=-1)
             temb = temb + self.add_embedding(added.astype(dtype))
         context = encoder_hidden_states.astype(dtype)
+        if ip is not None:
+            ip = dataclasses.replace(ip, tokens=tuple(t.astype(dtype) for t in ip.tokens))
 
         x = self.conv_in(sample_BHWC.astype(dtype))
         skips = [x]
