@@ -1,14 +1,59 @@
-"""Shared benchmark setup: put the repository on sys.path and apply the CLI's XLA:CPU flags."""
+"""Shared benchmark plumbing.
+
+Each side (this project, the PyTorch reference) runs in its own process: XLA's and PyTorch's thread pools
+in one process spin against each other on a small CPU and distort both timings. The driver alternates the two
+sides for a few rounds, so load from elsewhere on the machine falls on both alike, and reports medians.
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def configure_xla_for_cpu() -> None:
     from ipadapter_jax.xla_flags import configure_xla_for_cpu as configure
 
     configure()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def emit(result: dict) -> None:
+    """A side's report to the driver: one JSON line."""
+    print("SIDE " + json.dumps(result), flush=True)
+
+
+def run_side(script: Path, argv: list[str], side: str) -> dict:
+    cmd = [sys.executable, str(script), *argv, "--side", side]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SIDE ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{side} side failed ({proc.returncode})")
+    return json.loads(lines[-1][5:])
+
+
+def alternate(script: Path, argv: list[str], rounds: int, sides=("ours", "reference")) -> dict[str, list[dict]]:
+    """Run every side `rounds` times, alternating; returns each side's reports in order."""
+    out: dict[str, list[dict]] = {s: [] for s in sides}
+    for _ in range(rounds):
+        for side in sides:
+            out[side].append(run_side(script, argv, side))
+    return out
+
+
+def median_of(reports: list[dict], key: str = "times") -> tuple[float, list[float]]:
+    times = [t for r in reports for t in r[key]]
+    return statistics.median(times), times

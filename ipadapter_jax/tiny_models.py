@@ -176,7 +176,7 @@ def _random_state(build, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _write_model(folder: Path, config: dict, build, basename: str, seed: int) -> None:
+def write_random_model(folder: Path, config: dict, build, basename: str, seed: int) -> None:
     from ipadapter_jax.weights.safetensors_io import save_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,11 +197,11 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
 
     folder = Path(folder)
     rngs = lambda: nnx.Rngs(0)  # noqa: E731 - only shapes are traced (eval_shape)
-    _write_model(folder / "unet", unet, lambda: UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs()),
+    write_random_model(folder / "unet", unet, lambda: UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs()),
                  "diffusion_pytorch_model", seed)
-    _write_model(folder / "vae", vae, lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(vae), rngs=rngs()),
+    write_random_model(folder / "vae", vae, lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(vae), rngs=rngs()),
                  "diffusion_pytorch_model", seed + 1)
-    _write_model(folder / "text_encoder", text, lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs()),
+    write_random_model(folder / "text_encoder", text, lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs()),
                  "model", seed + 2)
     write_tiny_tokenizer(folder / "tokenizer")
     index = {
@@ -214,7 +214,7 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
         "scheduler": ["diffusers", scheduler["_class_name"]],
     }
     if text_2:
-        _write_model(folder / "text_encoder_2", text_2,
+        write_random_model(folder / "text_encoder_2", text_2,
                      lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(text_2), rngs=rngs()), "model",
                      seed + 3)
         write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
@@ -249,7 +249,7 @@ def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) 
 
     folder = Path(folder)
     parsed = CLIPVisionConfig.from_dict(config)
-    _write_model(folder, config, lambda: CLIPVisionModelWithProjection(parsed, rngs=nnx.Rngs(0)), "model", seed)
+    write_random_model(folder, config, lambda: CLIPVisionModelWithProjection(parsed, rngs=nnx.Rngs(0)), "model", seed)
     size = config["image_size"]
     processor = {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
