@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
-from _common import configure_xla_for_cpu
+from _common import configure_xla_for_cpu, emit, run_side
 
 SD15_UNET = {
     "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
@@ -292,22 +290,16 @@ def run_reference(args, cached: bool) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _worker(args) -> None:
+def _side(args) -> None:
     configure_xla_for_cpu()
-    cached = args.worker_mode == "cached"
-    result = run_ours(args, cached) if args.worker == "ours" else run_reference(args, cached)
-    print("WORKER " + json.dumps(result), flush=True)
+    cached = args.mode == "cached"
+    emit(run_ours(args, cached) if args.side == "ours" else run_reference(args, cached))
 
 
-def _spawn(args, side: str, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--worker-mode", mode, "--repeats", str(args.repeats),
-           "--batch", str(args.batch), "--latent", str(args.latent), "--remat", args.remat]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side}/{mode} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                         f"{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+def _run(args, side: str, mode: str) -> dict:
+    argv = ["--mode", mode, "--repeats", str(args.repeats), "--batch", str(args.batch), "--latent", str(args.latent),
+            "--remat", args.remat]
+    return run_side(Path(__file__), argv, side)
 
 
 def main() -> None:
@@ -318,11 +310,11 @@ def main() -> None:
     p.add_argument("--modes", default="cached,uncached")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--remat", default="none", help="our step's model.remat policy (none, dots_no_batch, ...)")
-    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    p.add_argument("--worker-mode", choices=["cached", "uncached"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["cached", "uncached"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        _worker(args)
+    if args.side:
+        _side(args)
         return
     configure_xla_for_cpu()
     import jax
@@ -332,7 +324,7 @@ def main() -> None:
           f"{args.latent}x{args.latent} latents, {TOKENS} image tokens, AdamW")
     results = {}
     for mode in args.modes.split(","):
-        ours = _spawn(args, "ours", mode)
+        ours = _run(args, "ours", mode)
         print(f"[{mode}] ours: median {ours['median_s']:.2f} s over {args.repeats} "
               f"({', '.join(f'{t:.2f}' for t in ours['times'])}), compile {ours['compile_s']:.0f} s, "
               f"{ours['flops'] / 1e12:.2f} TFLOP/step ({ours['flops'] / ours['median_s'] / 1e9:.0f} GFLOP/s), "
@@ -341,7 +333,7 @@ def main() -> None:
               f"step-0 loss {ours['loss']:.6f}", flush=True)
         ref = None
         if not args.skip_reference:
-            ref = _spawn(args, "reference", mode)
+            ref = _run(args, "reference", mode)
             rel = abs(ours["loss"] - ref["loss"]) / abs(ref["loss"])
             print(f"[{mode}] reference (diffusers + torch {ref['threads']} threads): median {ref['median_s']:.2f} s "
                   f"({', '.join(f'{t:.2f}' for t in ref['times'])}), "

@@ -103,6 +103,7 @@ def _square_mask(size: int) -> np.ndarray:
 
 
 def _train_and_generate(out: Path, base: Path, encoder: Path, data, refs, common, summary) -> list:
+    from ipadapter_jax.pipelines.image_prompt import ImagePrompt
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
     from ipadapter_jax.training import load_train_config, train
 

@@ -201,7 +201,8 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
                  "diffusion_pytorch_model", seed)
     write_random_model(folder / "vae", vae, lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(vae), rngs=rngs()),
                  "diffusion_pytorch_model", seed + 1)
-    write_random_model(folder / "text_encoder", text, lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs()),
+    write_random_model(folder / "text_encoder", text,
+                       lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs()),
                  "model", seed + 2)
     write_tiny_tokenizer(folder / "tokenizer")
     index = {

@@ -164,7 +164,8 @@ def test_scale_forms():
     np.testing.assert_allclose(layer_scales(list(per_layer), xl), per_layer, rtol=1e-6)
     expanded = layer_scales({"up": {"block_0": [0.0, 1.0]}}, xl)
     paths = xl.cross_attention_layers()
-    assert all(v == (1.0 if p.startswith("up_blocks.0.attentions.1.") else 0.0) for p, v in zip(paths, expanded))
+    expected = [1.0 if p.startswith("up_blocks.0.attentions.1.") else 0.0 for p in paths]
+    np.testing.assert_array_equal(expanded, np.asarray(expected, np.float32))
     with pytest.raises(UserError, match="block_3"):
         layer_scales({"down": {"block_3": 1.0}}, xl)
     with pytest.raises(UserError, match="SDXL-shaped"):

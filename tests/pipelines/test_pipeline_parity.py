@@ -49,7 +49,8 @@ def _torch_pipeline(torch, kind, mode, base, adapters, scheduler):
     cls = {
         ("sd15", "t2i"): diffusers.StableDiffusionPipeline, ("sd15", "i2i"): diffusers.StableDiffusionImg2ImgPipeline,
         ("sd15", "inpaint"): diffusers.StableDiffusionInpaintPipeline,
-        ("sdxl", "t2i"): diffusers.StableDiffusionXLPipeline, ("sdxl", "i2i"): diffusers.StableDiffusionXLImg2ImgPipeline,
+        ("sdxl", "t2i"): diffusers.StableDiffusionXLPipeline,
+        ("sdxl", "i2i"): diffusers.StableDiffusionXLImg2ImgPipeline,
         ("sdxl", "inpaint"): diffusers.StableDiffusionXLInpaintPipeline,
     }[(kind, mode)]
     with warnings.catch_warnings():

@@ -1,0 +1,167 @@
+"""The experiment config of an adapter training run (``train/*.yaml``): typed sections with the official
+recipe's defaults (tutorial_train.py: AdamW lr 1e-4, weight decay 1e-2, batch 8, drops 0.05/0.05/0.05)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from ipadapter_jax.config import load_config
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.sharding import MeshConfig
+
+Variant = Literal["base", "plus", "full"]
+Remat = Literal["none", "full", "dots", "dots_no_batch", "offload_dots"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base (a diffusers pipeline folder) and the adapter to train on it."""
+
+    base: str = ""  # diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, SDXL *_2/) or a hub id
+    image_encoder: str = ""  # transformers CLIPVisionModelWithProjection folder
+    variant: Variant = "base"  # base: ImageProjModel; plus: Resampler; full: MLPProjModel (full-face)
+    num_tokens: int = 4  # image tokens (plus: resampler queries; full: ignored, the encoder's sequence)
+    resampler_dim: int | None = None  # plus only; None: the UNet's cross-attention width (tutorial_train_plus.py)
+    resampler_depth: int = 4
+    resampler_heads: int | None = None  # None: official (12; SDXL 20); head width is always 64, as upstream
+    init_adapter: str | None = None  # start from this adapter (our folder or official .bin/.safetensors)
+    dtype: str = "float32"  # the frozen UNet and encoders
+    vae_dtype: str | None = None  # None: as dtype (SDXL recipes keep the VAE in float32)
+    adapter_dtype: str = "float32"  # trainable weights and optimizer state
+    weights_variant: str | None = None  # e.g. "fp16" for *.fp16.safetensors
+    attention: Literal["auto", "xla", "chunked", "cudnn"] = "auto"
+    # jax.checkpoint policy around the adapter + UNet forward (training.step.REMAT). It wraps the whole forward: the
+    # UNet has no per-block remat hook yet, and on XLA:CPU this measured no lower peak (see train/README.md).
+    remat: Remat = "none"
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ConfigError(f"model.num_tokens must be positive, got {self.num_tokens}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A TFDS dataset with image + caption features (``prepare-data`` output or a TFDS name)."""
+
+    source: str = ""  # prepared dataset folder, TFDS name, or an official JSON list / caption folder (see inputs)
+    image_root: str | None = None  # images of a JSON list are relative to this (default: the list's folder)
+    split: str = "train"
+    data_dir: str | None = None  # TFDS data dir for a dataset given by name
+    image_key: str = "image"
+    text_key: str = "text"
+    resolution: int = 512
+    crop: Literal["center", "center_floor", "random"] = "center"
+    p_drop_image: float = 0.05
+    p_drop_text: float = 0.05
+    p_drop_both: float = 0.05
+    cache: str | None = None  # an encoder cache (build_encoder_cache writes it here); training then reads only it
+    worker_count: int = 0  # Grain worker processes (0: threads in this process)
+    read_threads: int = 8
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup
+    warmup_steps: int = 0
+    end_lr_fraction: float = 0.0  # cosine/linear decay ends at lr * this
+    grad_clip_norm: float | None = None  # clip by global norm (the official script does not clip)
+    grad_accum_steps: int = 1  # microbatches per step; global_batch_size must divide by it
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
+            raise ConfigError("optimizer.lr must be positive, warmup_steps >= 0 and grad_accum_steps >= 1.")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError(f"optimizer.grad_clip_norm must be positive or null, got {self.grad_clip_norm}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler config's
+    noise_offset: float = 0.0  # tutorial_train_sdxl.py --noise_offset
+    min_snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023), e.g. 5.0
+
+    def __post_init__(self):
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"loss.min_snr_gamma must be positive or null, got {self.min_snr_gamma}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+    export_every_steps: int = 0  # also write the official .safetensors every N steps (0: only at the end)
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    log_every_steps: int = 50
+    progress_bar: bool = True
+    tensorboard: bool = True
+    sample_every_steps: int = 0  # sample grids (0: never)
+    sample_prompts: tuple[str, ...] = ()
+    sample_images: tuple[str, ...] = ()  # image prompts (files); grid = prompts x images
+    sample_num_steps: int = 30
+    sample_guidance: float = 7.5
+    sample_resolution: int | None = None  # None: data.resolution
+    sample_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """``jax.distributed.initialize``; on TPU pods and SLURM/Open MPI its arguments are detected."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    cpu_collectives: Literal["gloo", "mpi", "none"] = "gloo"  # multi-process CPU runs (tests, debugging)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    workdir: str = ""  # checkpoints/, export/, tensorboard/, samples/; a run resumes from it
+    seed: int = 0
+    total_steps: int = 1000
+    global_batch_size: int = 8  # across all processes and microbatches
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        if self.total_steps < 0 or self.global_batch_size < 1:
+            raise ConfigError("total_steps must be >= 0 and global_batch_size >= 1.")
+        if self.global_batch_size % self.optimizer.grad_accum_steps:
+            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                              f"optimizer.grad_accum_steps {self.optimizer.grad_accum_steps}.")
+
+    def validate_for_training(self) -> None:
+        """What a run needs beyond well-typed values: paths that must be set."""
+        if not self.workdir:
+            raise ConfigError("workdir is not set; pass workdir=DIR (checkpoints and exports go there).")
+        if not self.model.base:
+            raise ConfigError("model.base is not set; pass the diffusers pipeline folder of the base model.")
+        if not self.data.cache and not self.data.source:
+            raise ConfigError("Neither data.source nor data.cache is set; pass a prepared dataset folder.")
+        if not self.model.image_encoder:
+            raise ConfigError("model.image_encoder is not set; pass the CLIP image encoder folder (or hub path).")
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML recipe plus ``key=value`` overrides (unknown keys are errors)."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,321 @@
+"""``train(config)``: the whole adapter training run, top to bottom (big_vision style).
+
+distributed -> mesh -> model (frozen base placed at load, adapter created sharded) -> input -> optimizer
+state (eval_shape, then jit(init, out_shardings)) -> step (jit with in/out shardings and donation) ->
+restore (from the workdir's latest checkpoint) -> loop (log, checkpoint, samples, exports) -> final export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ipadapter_jax import sharding as sharding_lib
+from ipadapter_jax.checkpoint import Checkpointer, abstract_like
+from ipadapter_jax.config import to_dict
+from ipadapter_jax.data import pipeline, reader
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.ip_adapter import export_ip_adapter, save_ip_adapter
+from ipadapter_jax.training import encoder_cache, inputs
+from ipadapter_jax.training import loss as loss_lib
+from ipadapter_jax.training import model as model_lib
+from ipadapter_jax.training import step as step_lib
+from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.monitoring import Monitor
+
+_log = logging.getLogger("ipadapter_jax.train")
+RECORD_FORMAT = "ipadapter_jax.train"
+EXPORT_NAME = "ip_adapter.safetensors"  # the official layout, under <workdir>/export/
+# Changing these between a run and its resume would change which records and draws each step sees.
+_RESUME_KEYS = ("seed", "global_batch_size", "data.source", "data.split", "data.cache", "data.resolution",
+                "data.crop", "data.p_drop_image", "data.p_drop_text", "data.p_drop_both", "data.shuffle")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    step: int  # the last step trained (the train state's step)
+    history: list[dict[str, float]]  # metrics of every step run by this call, in order ("step" included)
+    resumed_from: int | None
+    exported: Path | None  # the official-layout .safetensors written at the end
+    checkpoint_dir: Path
+    num_skipped: int  # broken records this process skipped
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.history]
+
+    def summary(self) -> str:
+        resumed = f" (resumed from step {self.resumed_from})" if self.resumed_from is not None else ""
+        last = f", last loss {self.losses[-1]:.5f}" if self.history else ""
+        skipped = f", {self.num_skipped} broken records skipped" if self.num_skipped else ""
+        return (f"Trained to step {self.step}{resumed}{last}{skipped}.\n"
+                f"  checkpoints: {self.checkpoint_dir}\n  adapter (official layout): {self.exported}\n"
+                f"  adapter (ipadapter-jax folder): {self.exported.parent / 'ip_adapter' if self.exported else None}")
+
+
+def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train (or resume) the adapter described by ``config``; ``devices`` restricts the mesh (tests);
+    ``on_step(step, metrics)`` gets every step's metrics as floats (a device sync per step)."""
+    config.validate_for_training()
+    workdir = Path(config.workdir).absolute()
+
+    # ---------------------------------------------------------------- distributed
+    initialize_distributed(config)
+    given = config
+    config = inputs.materialize(config)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- mesh
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    rules = config.mesh.rules
+    replicated = sharding_lib.replicated(mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    if config.global_batch_size // config.optimizer.grad_accum_steps % mesh.size:
+        raise ConfigError(f"The microbatch ({config.global_batch_size} / {config.optimizer.grad_accum_steps} "
+                          f"accumulation steps) must split evenly over the {mesh.size} devices.")
+
+    # ---------------------------------------------------------------- model
+    cached = bool(config.data.cache)
+    assembled = model_lib.build_model(config.model, mesh, rules, with_encoders=not cached, seed=config.seed)
+    spec, info = assembled.spec, assembled.info
+    params, frozen = assembled.trainable, assembled.frozen
+    if config.model.init_adapter:
+        from ipadapter_jax.ip_adapter import load_ip_adapter
+
+        adapter = load_ip_adapter(config.model.init_adapter, unet_config=info.folder / "unet")
+        params = model_lib.from_ip_adapter(adapter, params)
+
+    # ---------------------------------------------------------------- input
+    if cached:
+        encoder_cache.check_cache(config.data.cache, encoder_cache.cache_meta(config, spec, info))
+        source = encoder_cache.CacheSource(config.data.cache)
+        d = config.data
+        iterator = encoder_cache.make_cached_iterator(
+            source, encoder_cache.CachedTransform(d.p_drop_image, d.p_drop_text, d.p_drop_both, config.seed),
+            global_batch_size=config.global_batch_size, seed=config.seed, shuffle=d.shuffle,
+            read_threads=d.read_threads, worker_count=d.worker_count)
+        uncond = encoder_cache.load_unconditional(config.data.cache)
+    else:
+        source = reader.open_source(config.data.source, config.data.split, config.data.image_key,
+                                    config.data.text_key, data_dir=config.data.data_dir)
+        iterator = pipeline.make_train_iterator(
+            source, encoder_cache.transform_config(config, info, assembled.image_size),
+            global_batch_size=config.global_batch_size, seed=config.seed, shuffle=config.data.shuffle,
+            worker_count=config.data.worker_count, read_threads=config.data.read_threads)
+        uncond = jax.jit(lambda p, f, ids: loss_lib.unconditional(assembled.merge(p, f), spec, ids,
+                                                                   assembled.image_size))(
+            params, frozen, encoder_cache.empty_ids(info))
+    consts = jax.device_put({"alphas_cumprod": jnp.asarray(info.alphas_cumprod), "uncond": uncond}, replicated)
+
+    # ---------------------------------------------------------------- optimizer state
+    tx, schedule = step_lib.make_optimizer(config.optimizer, config.total_steps)
+    param_shardings = {k: v.sharding for k, v in params.items()}
+    with jax.numpy_dtype_promotion("standard"):
+        opt_shardings = sharding_lib.like_params(jax.eval_shape(tx.init, params), param_shardings, mesh)
+    state = step_lib.init_state(params, tx, config.seed, opt_shardings, replicated)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # ---------------------------------------------------------------- step
+    loss_settings = loss_lib.LossSettings(
+        prediction_type=config.loss.prediction_type or info.prediction_type,
+        num_train_timesteps=info.num_train_timesteps, vae_scaling=tuple(info.vae_scaling.items()),
+        noise_offset=config.loss.noise_offset, min_snr_gamma=config.loss.min_snr_gamma)
+    settings = step_lib.StepSettings(spec=spec, loss=loss_settings, cached=cached, remat=config.model.remat,
+                                     grad_accum_steps=config.optimizer.grad_accum_steps)
+    step_fn = step_lib.make_train_step(assembled.merge, tx, schedule, settings, batch_sharding)
+    frozen_shardings = {k: v.sharding for k, v in frozen.items()}
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, replicated, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    # ---------------------------------------------------------------- restore
+    checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    record = {"format": RECORD_FORMAT, "config": to_dict(given), "resolved_config": to_dict(config),
+              "adapter_spec": spec.to_dict()}
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        check_resumable(checkpointer.read_record(resumed_from), record)
+        state, _ = checkpointer.restore(resumed_from, abstract_like(state), iterator)
+        _log.info("Resumed from step %d in %s.", resumed_from, checkpointer.directory)
+    step = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- compile
+    first = next(iterator) if step < config.total_steps else None
+    compiled, flops = None, None
+    if first is not None:
+        batch = pipeline.to_global_batch(first, mesh, sharding_lib.BATCH_SPEC)
+        compiled = jitted.lower(state, frozen, consts, batch).compile()
+        flops = (compiled.cost_analysis() or {}).get("flops")
+    sampler = _sample_grid(config, assembled, mesh, frozen, cached)
+    monitor = Monitor(workdir, config.monitor, start_step=step, total_steps=config.total_steps,
+                      global_batch_size=config.global_batch_size, num_devices=mesh.size,
+                      flops_per_device_step=flops, primary=primary)
+    if resumed_from is not None:
+        monitor.write(f"Resumed from step {resumed_from}.")
+
+    # ---------------------------------------------------------------- loop
+    history: list[dict[str, float]] = []
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    log_every = max(config.monitor.log_every_steps, 1)
+    preempted = False
+    try:
+        while step < config.total_steps:
+            local = first if first is not None else next(iterator)
+            first = None
+            batch = pipeline.to_global_batch(local, mesh, sharding_lib.BATCH_SPEC)
+            state, metrics = compiled(state, frozen, consts, batch)
+            step += 1
+            pending.append((step, metrics))
+            monitor.advance()
+            last = step == config.total_steps
+            if on_step is not None or step % log_every == 0 or last:
+                for s, m in pending:
+                    history.append({"step": float(s), **{k: float(v) for k, v in jax.device_get(m).items()}})
+                pending.clear()
+                if step % log_every == 0 or last:
+                    history[-1].update(monitor.log(step, history[-1], num_skipped=iterator.num_skipped))
+                if on_step is not None:
+                    on_step(step, history[-1])
+            if checkpointer.reached_preemption(step):
+                checkpointer.save(step, state, iterator, record, force=True)
+                monitor.write(f"Preemption notice at step {step}: checkpoint saved; rerun to resume.")
+                preempted = True
+                break
+            if not last:  # the final checkpoint is forced below
+                checkpointer.save(step, state, iterator, record)
+            every = config.checkpoint.export_every_steps
+            if every and step % every == 0 and not last:
+                _export(state["params"], spec, workdir / "export" / f"step_{step:08d}", primary)
+                monitor.reset_clock(step)
+            if sampler is not None and step % config.monitor.sample_every_steps == 0:
+                _write_samples(sampler, state["params"], frozen, workdir, step, monitor)
+    finally:
+        checkpointer.wait()
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, iterator, record, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+
+    # ---------------------------------------------------------------- export
+    if preempted:
+        monitor.close()
+        return TrainResult(workdir=workdir, step=step, history=history, resumed_from=resumed_from, exported=None,
+                           checkpoint_dir=checkpointer.directory, num_skipped=iterator.num_skipped)
+    exported = _export(state["params"], spec, workdir / "export", primary)
+    monitor.write(f"Step {step}: adapter written to {exported} (official layout) and "
+                  f"{exported.parent / 'ip_adapter'} (ipadapter-jax folder).")
+    monitor.close()
+    return TrainResult(workdir=workdir, step=step, history=history, resumed_from=resumed_from, exported=exported,
+                       checkpoint_dir=checkpointer.directory, num_skipped=iterator.num_skipped)
+
+
+def initialize_distributed(config: TrainConfig) -> None:
+    """``jax.distributed.initialize`` once, before anything touches a device (a no-op when disabled)."""
+    d = config.distributed
+    if not d.enabled or _distributed_initialized():
+        return
+    if d.cpu_collectives != "none":
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    kwargs: dict[str, Any] = {}
+    if d.coordinator_address is not None:
+        kwargs.update(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                      process_id=d.process_id)
+    if d.local_device_ids is not None:
+        kwargs["local_device_ids"] = list(d.local_device_ids)
+    jax.distributed.initialize(**kwargs)
+
+
+def _distributed_initialized() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """A config that would change the data order or the adapter cannot resume a run; name what changed."""
+    if saved.get("format") != RECORD_FORMAT:
+        raise ConfigError("The workdir's checkpoints were not written by ipadapter-jax training; use a new workdir.")
+    model_lib.check_adapter_compatible_dicts(now["adapter_spec"], saved.get("adapter_spec", {}))
+    for dotted in _RESUME_KEYS:
+        a, b = _get(saved["config"], dotted), _get(now["config"], dotted)
+        if a != b:
+            raise ConfigError(f"{dotted} was {a!r} when this workdir's run started and is {b!r} now; resuming "
+                              "needs the same value (or use a new workdir).")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def _host_params(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """Every process gets full host copies (params may be sharded across hosts)."""
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(params, tiled=True).items()}
+
+
+def _export(params, spec, out_dir: Path, primary: bool) -> Path:
+    """Our adapter folder ``out_dir/ip_adapter`` and the official ``out_dir/ip_adapter.safetensors``."""
+    host = _host_params(params)
+    out_file = out_dir / EXPORT_NAME
+    if primary:
+        adapter = model_lib.to_ip_adapter(spec, host)
+        save_ip_adapter(adapter, out_dir / "ip_adapter", overwrite=True)
+        export_ip_adapter(adapter, out_file, overwrite=True)
+    return out_file
+
+
+def _sample_grid(config: TrainConfig, assembled, mesh, frozen, cached: bool):
+    if not config.monitor.sample_every_steps:
+        return None
+    from ipadapter_jax.training.samples import SampleGrid
+
+    if cached:  # the encoders are not part of a cached run's model
+        encoders = model_lib.load_encoders(config.model, assembled.info, mesh, config.mesh.rules)[0]
+    else:
+        encoders = assembled.merge(assembled.trainable, frozen)
+    return SampleGrid(config, assembled, encoders, mesh)
+
+
+def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: Monitor) -> None:
+    from ipadapter_jax.training.samples import write_grid
+
+    image = sampler(params, frozen)
+    if jax.process_index() == 0:
+        path = write_grid(image, workdir, step)
+        monitor.image(step, "samples", image)
+        monitor.write(f"Step {step}: samples in {path}.")
+    monitor.reset_clock(step)
+
+
+def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *, step: int | None = None) -> Path:
+    """Export the adapter of a workdir's checkpoint (default: the latest) to the official layout, on demand.
+
+    Needs no base model: the checkpoint records the adapter spec. Writes ``out_file`` (default
+    ``<workdir>/export/step_<N>/ip_adapter.safetensors``) and our folder beside it.
+    """
+    from ipadapter_jax.models.image_proj import AdapterSpec
+
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints", every_steps=1, keep=0, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    record = checkpointer.read_record(step)
+    spec = AdapterSpec.from_dict(record["adapter_spec"])
+    state = checkpointer.restore_state(step, None)
+    checkpointer.close()
+    host = {k: np.asarray(v) for k, v in state["params"].items()}
+    adapter = model_lib.to_ip_adapter(spec, host)
+    out_file = Path(out_file) if out_file is not None else Path(workdir) / "export" / f"step_{step:08d}" / EXPORT_NAME
+    save_ip_adapter(adapter, out_file.parent / "ip_adapter", overwrite=True)
+    return export_ip_adapter(adapter, out_file, overwrite=True)
