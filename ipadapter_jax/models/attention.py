@@ -23,11 +23,72 @@ def _plain(q_BLHD, k_BSHD, v_BSHD):
     return jnp.einsum("bhls,bshd->blhd", probs, v_BSHD, preferred_element_type=jnp.float32).astype(q_BLHD.dtype)
 
 
+def _blocks_forward(q_NCQD, k_NSD, v_NSD):
+    """Per head N and query block C: exact softmax attention and its log-sum-exp (for the backward pass)."""
+
+    def one_head(args):
+        q_CQD, k_SD, v_SD = args
+
+        def one_block(q_QD):
+            s = jnp.dot(q_QD, k_SD.T, preferred_element_type=jnp.float32)
+            m = s.max(axis=-1, keepdims=True)
+            p = jnp.exp(s - m)
+            total = p.sum(axis=-1, keepdims=True)
+            o = jnp.dot(p.astype(v_SD.dtype), v_SD, preferred_element_type=jnp.float32) / total
+            return o.astype(q_QD.dtype), (m + jnp.log(total))[..., 0]
+
+        return jax.lax.map(one_block, q_CQD)
+
+    return jax.lax.map(one_head, (q_NCQD, k_NSD, v_NSD))
+
+
+@jax.custom_vjp
+def _blockwise(q_NCQD, k_NSD, v_NSD):
+    return _blocks_forward(q_NCQD, k_NSD, v_NSD)[0]
+
+
+def _blockwise_fwd(q_NCQD, k_NSD, v_NSD):
+    out, lse = _blocks_forward(q_NCQD, k_NSD, v_NSD)
+    return out, (q_NCQD, k_NSD, v_NSD, out, lse)
+
+
+def _blockwise_bwd(residuals, d_out):
+    """Flash-attention style: recompute each block's probabilities from the saved log-sum-exp instead of
+    keeping the (L, S) matrices, accumulating dK and dV over query blocks."""
+    q, k, v, out, lse = residuals
+
+    def one_head(args):
+        q_CQD, k_SD, v_SD, o_CQD, lse_CQ, do_CQD = args
+        f32 = jnp.float32
+
+        def one_block(carry, xs):
+            dk, dv = carry
+            q_QD, o_QD, lse_Q, do_QD = xs
+            s = jnp.dot(q_QD, k_SD.T, preferred_element_type=f32)
+            p = jnp.exp(s - lse_Q[:, None])
+            dv = dv + jnp.dot(p.T, do_QD.astype(f32))
+            dp = jnp.dot(do_QD, v_SD.T, preferred_element_type=f32)
+            delta = jnp.sum(do_QD.astype(f32) * o_QD.astype(f32), axis=-1, keepdims=True)
+            ds = p * (dp - delta)
+            dk = dk + jnp.dot(ds.T, q_QD.astype(f32))
+            return (dk, dv), jnp.dot(ds, k_SD.astype(f32)).astype(q_QD.dtype)
+
+        zeros = jnp.zeros(k_SD.shape, f32)
+        (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), (q_CQD, o_CQD, lse_CQ, do_CQD))
+        return dq, dk.astype(k_SD.dtype), dv.astype(v_SD.dtype)
+
+    return jax.lax.map(one_head, (q, k, v, out, lse, d_out))
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
 def _chunked(q_BLHD, k_BSHD, v_BSHD):
     """Long self-attention for XLA:CPU: one (batch, head) and 1024 query rows at a time, exact softmax.
 
     XLA:CPU fuses the full QK^T -> softmax -> PV chain badly at 4096 tokens; small per-block matmuls with an
-    explicit max subtraction run several times faster and never materialise the whole score tensor.
+    explicit max subtraction run several times faster and never materialise the whole score tensor, and the
+    custom backward recomputes the blocks rather than storing them (training memory stays flat).
     """
     b, l, h, d = q_BLHD.shape
     chunk = _CHUNK if l % _CHUNK == 0 else l
@@ -35,19 +96,7 @@ def _chunked(q_BLHD, k_BSHD, v_BSHD):
     q = jnp.transpose(q_BLHD * scale, (0, 2, 1, 3)).reshape(b * h, l // chunk, chunk, d)
     k = jnp.transpose(k_BSHD, (0, 2, 1, 3)).reshape(b * h, -1, d)
     v = jnp.transpose(v_BSHD, (0, 2, 1, 3)).reshape(b * h, -1, d)
-
-    def one_head(args):
-        q_NCD, k_SD, v_SD = args
-
-        def one_chunk(q_CD):
-            s = jnp.dot(q_CD, k_SD.T, preferred_element_type=jnp.float32)
-            p = jnp.exp(s - s.max(axis=-1, keepdims=True))
-            o = jnp.dot(p.astype(v_SD.dtype), v_SD, preferred_element_type=jnp.float32)
-            return (o / p.sum(axis=-1, keepdims=True)).astype(q_CD.dtype)
-
-        return jax.lax.map(one_chunk, q_NCD)
-
-    out = jax.lax.map(one_head, (q, k, v))
+    out = _blockwise(q, k, v)
     return jnp.transpose(out.reshape(b, h, l, d), (0, 2, 1, 3))
 
 
