@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.models import remat
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, Linear
 
 
@@ -24,8 +25,12 @@ class ResnetBlock2D(nnx.Module):
             Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
         )
         self.output_scale_factor = output_scale_factor
+        self.remat_policy: str | None = None  # models/remat.py
 
     def __call__(self, x_BHWC: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        return remat.call(self, type(self)._forward, x_BHWC, temb)
+
+    def _forward(self, x_BHWC: jax.Array, temb: jax.Array | None) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]

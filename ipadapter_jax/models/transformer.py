@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.models import remat
 from ipadapter_jax.models.attention import Attention, Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu
@@ -48,8 +49,12 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.only_cross_attention = only_cross_attention
+        self.remat_policy: str | None = None  # models/remat.py
 
     def __call__(self, x_BLC, context_BSC, ip: IPConditioning | None, spatial):
+        return remat.call(self, lambda block, x, c, ip_: block._forward(x, c, ip_, spatial), x_BLC, context_BSC, ip)
+
+    def _forward(self, x_BLC, context_BSC, ip: IPConditioning | None, spatial):
         x_BLC = x_BLC + self.attn1(self.norm1(x_BLC), context_BSC if self.only_cross_attention else None)
         x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), context_BSC, ip=ip, spatial=spatial)
         return x_BLC + self.ff(self.norm3(x_BLC))

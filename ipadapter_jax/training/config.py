@@ -33,8 +33,8 @@ class ModelConfig:
     adapter_dtype: str = "float32"  # trainable weights and optimizer state
     weights_variant: str | None = None  # e.g. "fp16" for *.fp16.safetensors
     attention: Literal["auto", "xla", "chunked", "cudnn"] = "auto"
-    # jax.checkpoint policy around the adapter + UNet forward (training.step.REMAT). It wraps the whole forward: the
-    # UNet has no per-block remat hook yet, and on XLA:CPU this measured no lower peak (see train/README.md).
+    # jax.checkpoint policy for every UNet ResNet and transformer block (models/remat.py): recompute activations
+    # in the backward pass to trade compute for memory.
     remat: Remat = "none"
 
     def __post_init__(self):

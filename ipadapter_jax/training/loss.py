@@ -109,7 +109,7 @@ def draws(step_key: jax.Array, record_index: jax.Array, latent_shape: tuple[int,
 
 
 def loss_terms(unet, image_proj, spec: AdapterSpec, alphas_cumprod: jax.Array, settings: LossSettings,
-               enc: Encoded, time_ids: jax.Array | None, d: Draws, remat_policy=None):
+               enc: Encoded, time_ids: jax.Array | None, d: Draws):
     """(mean weighted loss, per-example unweighted MSE) for encodings whose drops are already applied."""
     mean, logvar = jnp.split(enc.moments.astype(jnp.float32), 2, axis=-1)
     z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * d.latent_noise
@@ -123,10 +123,6 @@ def loss_terms(unet, image_proj, spec: AdapterSpec, alphas_cumprod: jax.Array, s
         ip = IPConditioning(tokens=(tokens,), scales=(jnp.ones((unet.num_ip_layers,), jnp.float32),), masks=(None,))
         return unet(noisy.astype(dtype), d.timesteps, text, text_embeds=pooled, time_ids=time_ids, ip=ip)
 
-    if remat_policy is not None:
-        from flax import nnx
-
-        predict = nnx.remat(predict, policy=remat_policy)
     pred = predict(unet, image_proj, noisy, enc.image, enc.text, enc.pooled)
     mse_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
     weights = jnp.ones_like(mse_B)

@@ -29,6 +29,7 @@ from ipadapter_jax.models.clip_vision import (
 )
 from ipadapter_jax.models.image_proj import AdapterSpec, build_image_proj
 from ipadapter_jax.models.layers import IPAdapterParam
+from ipadapter_jax.models.remat import set_remat
 from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, load_vae
@@ -197,6 +198,7 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
     encoder_config = _encoder_config(config)
     unet = load_unet(info.folder / "unet", dtype=config.dtype, variant=config.weights_variant, num_ip_adapters=1,
                      attention_impl=config.attention, sharding=_placer(mesh, rules, "unet/"))
+    set_remat(unet, config.remat)
     spec = adapter_spec(config, unet.config, encoder_config)
     adapter_dtype = as_dtype(config.adapter_dtype)
     proj_graphdef, abstract_proj = nnx.split(nnx.eval_shape(

@@ -26,13 +26,6 @@ from ipadapter_jax.models.image_proj import AdapterSpec
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training.config import OptimizerConfig
 
-REMAT: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
 CACHED_KEYS = ("moments", "text", "image")
 
 
@@ -69,7 +62,7 @@ class StepSettings:
     loss: loss_lib.LossSettings
     grad_accum_steps: int = 1
     cached: bool = False  # batches carry encodings instead of raw examples
-    remat: str = "none"
+    remat: str = "none"  # applied per UNet block when the model is built (models/remat.py)
 
 
 def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -81,8 +74,6 @@ def make_train_step(merge: Callable, tx: optax.GradientTransformation, schedule:
                     settings: StepSettings, batch_sharding=None) -> Callable:
     """``train_step(state, frozen, consts, batch) -> (state, metrics)``; ``merge(params, frozen)`` rebuilds the
     TrainModel. ``batch_sharding`` (optional) constrains each microbatch to the batch layout."""
-    policy = REMAT[settings.remat]
-
     def microbatch_loss(params, frozen, consts, mb, step_key):
         model = merge(params, frozen)
         if settings.cached:
@@ -94,7 +85,7 @@ def make_train_step(merge: Callable, tx: optax.GradientTransformation, schedule:
         latent_shape = enc.moments.shape[1:-1] + (enc.moments.shape[-1] // 2,)
         d = loss_lib.draws(step_key, mb["record_index"], latent_shape, settings.loss)
         loss, mse_B = loss_lib.loss_terms(model.unet, model.image_proj, settings.spec, consts["alphas_cumprod"],
-                                          settings.loss, enc, mb.get("time_ids"), d, policy)
+                                          settings.loss, enc, mb.get("time_ids"), d)
         return loss, mse_B
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
