@@ -11,6 +11,7 @@ once complete, so a run killed during a save resumes from the previous one.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,24 @@ def abstract_like(tree: Any) -> Any:
 class Checkpointer:
     """Save/restore of train state + data iterator + config under ``directory`` (every ``every_steps``)."""
 
-    def __init__(self, directory: str | Path, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, every_steps: int, keep: int, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.every_steps = max(every_steps, 1)
-        # The interval is decided here (Orbax's own policy also saves the first step of a run).
+        # The interval is decided here (Orbax's own policy also saves the first step of a run). A read-only
+        # checkpointer (export) neither creates the folder nor starts Orbax's background tmp-folder cleanup.
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1, max_to_keep=keep if keep > 0 else None, create=True,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+            save_interval_steps=0 if read_only else 1, max_to_keep=keep if keep > 0 else None,
+            create=not read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            read_only=read_only)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # Orbax warns that the folder is read only, which is what was asked for
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_torch.add_argument("folder", type=Path)
     to_torch.add_argument("--out", required=True, type=Path)
     to_torch.add_argument("--overwrite", action="store_true")
+    from_ckpt = csub.add_parser("from-checkpoint", help="a training workdir's checkpoint -> official layout")
+    from_ckpt.add_argument("workdir", type=Path)
+    from_ckpt.add_argument("--out", type=Path, help="default: <workdir>/export/step_<N>/ip_adapter.safetensors")
+    from_ckpt.add_argument("--step", type=int, help="default: the latest checkpoint")
 
     prep = sub.add_parser("prepare-data", help="official JSON list or caption folder -> TFDS array_record dataset")
     prep.add_argument("source", type=Path)
@@ -201,7 +205,12 @@ def _convert(args) -> None:
     from ipadapter_jax.ip_adapter import convert_to_flax, convert_to_torch
     from ipadapter_jax.weights.hub import resolve_path
 
-    if args.direction == "to-flax":
+    if args.direction == "from-checkpoint":
+        from ipadapter_jax.training import export_checkpoint
+
+        path = export_checkpoint(args.workdir, args.out, step=args.step)
+        print(f"wrote {path} (official IP-Adapter layout)")
+    elif args.direction == "to-flax":
         spec = convert_to_flax(resolve_path(args.adapter, what="IP-Adapter"), args.out, unet_config=args.base,
                                overwrite=args.overwrite)
         print(f"wrote {args.out}: {spec.variant} adapter, {spec.num_tokens} tokens, cross-attention "

@@ -22,7 +22,7 @@ from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.checkpoint import Checkpointer, abstract_like
 from ipadapter_jax.config import to_dict
 from ipadapter_jax.data import pipeline, reader
-from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.errors import ConfigError, UserError
 from ipadapter_jax.ip_adapter import export_ip_adapter, save_ip_adapter
 from ipadapter_jax.training import encoder_cache, inputs
 from ipadapter_jax.training import loss as loss_lib
@@ -303,19 +303,28 @@ def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: M
 def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *, step: int | None = None) -> Path:
     """Export the adapter of a workdir's checkpoint (default: the latest) to the official layout, on demand.
 
-    Needs no base model: the checkpoint records the adapter spec. Writes ``out_file`` (default
-    ``<workdir>/export/step_<N>/ip_adapter.safetensors``) and our folder beside it.
+    Needs no base model: the checkpoint records the adapter spec. Writes ``out_file``, by default
+    ``<workdir>/export/step_<N>/ip_adapter.safetensors`` with our Flax folder ``ip_adapter/`` beside it.
     """
     from ipadapter_jax.models.image_proj import AdapterSpec
 
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints", every_steps=1, keep=0, async_save=False)
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist; point to a training workdir (the one given as workdir=...).")
+    checkpointer = Checkpointer(folder, every_steps=1, keep=0, async_save=False, read_only=True)
+    available = checkpointer.all_steps()
     step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in available:
+        checkpointer.close()
+        raise UserError(f"{folder} has no checkpoint" + (f" for step {step}" if step is not None else "")
+                        + (f" (available: {', '.join(map(str, available))})" if available else "") + ".")
     record = checkpointer.read_record(step)
     spec = AdapterSpec.from_dict(record["adapter_spec"])
     state = checkpointer.restore_state(step, None)
     checkpointer.close()
     host = {k: np.asarray(v) for k, v in state["params"].items()}
     adapter = model_lib.to_ip_adapter(spec, host)
-    out_file = Path(out_file) if out_file is not None else Path(workdir) / "export" / f"step_{step:08d}" / EXPORT_NAME
-    save_ip_adapter(adapter, out_file.parent / "ip_adapter", overwrite=True)
+    if out_file is None:
+        out_file = Path(workdir) / "export" / f"step_{step:08d}" / EXPORT_NAME
+        save_ip_adapter(adapter, out_file.parent / "ip_adapter", overwrite=True)
     return export_ip_adapter(adapter, out_file, overwrite=True)

@@ -43,3 +43,15 @@ def test_training_can_start_from_an_exported_adapter(reference_run, tiny_inputs,
     start, ref = exported_tensors(tmp_path), exported_tensors(reference_run.workdir)
     for name in ref:
         np.testing.assert_array_equal(start[name], ref[name], err_msg=name)
+
+
+def test_export_from_the_command_line(reference_run, tmp_path, capsys):
+    from ipadapter_jax.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    assert main(["convert", "from-checkpoint", str(reference_run.workdir), "--out", str(out), "--step", "4"]) == 0
+    assert set(SafetensorsFile(out)) == set(SafetensorsFile(export_checkpoint(reference_run.workdir, step=4)))
+    assert main(["convert", "from-checkpoint", str(reference_run.workdir), "--step", "3"]) == 2
+    assert "no checkpoint for step 3 (available:" in capsys.readouterr().err
+    assert main(["convert", "from-checkpoint", str(tmp_path / "not-a-run")]) == 2
+    assert "does not exist; point to a training workdir" in capsys.readouterr().err
