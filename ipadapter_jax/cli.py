@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=["ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"],
                    help="sampler (default: the base folder's scheduler)")
     g.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn"])
+    g.add_argument("--fsdp", type=int, default=1,
+                   help="split every weight over groups of this many devices (models too large for one chip)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, defaults_only: bool = False) -> None:
@@ -131,7 +133,7 @@ def _generate(args) -> None:
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, scheduler=args.scheduler, variant=args.variant,
-                                             attention_impl=args.attention)
+                                             attention_impl=args.attention, fsdp=args.fsdp)
     n = len(pipe.adapters)
     if n == 1:
         per_adapter = [[p for spec in args.image for p in spec.split(",")]]
@@ -187,7 +189,8 @@ def _batch(args) -> None:
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
-                                             dtype=args.dtype, variant=args.variant, attention_impl=args.attention)
+                                             dtype=args.dtype, variant=args.variant, attention_impl=args.attention,
+                                             fsdp=args.fsdp)
     defaults = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
                 "height": args.height, "width": args.width, "seed": args.seed, "scheduler": args.scheduler,
                 "eta": args.eta}

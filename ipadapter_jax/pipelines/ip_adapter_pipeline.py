@@ -79,7 +79,9 @@ class Noise:
 
 class IPAdapterPipeline:
     def __init__(self, base: BaseModels, adapters: Sequence[IPAdapter] = (), *, image_encoder=None,
-                 image_processor=None, mesh: Mesh | None = None):
+                 image_processor=None, mesh: Mesh | None = None, sharded_params: bool = False):
+        """`mesh`: the devices to split batches over (default: all). `sharded_params`: the models were loaded
+        already placed (FSDP, see `from_pretrained(fsdp=...)`), so keep their placement instead of replicating."""
         self.base = base
         self.adapters = list(adapters)
         self.image_encoder = image_encoder
@@ -93,7 +95,7 @@ class IPAdapterPipeline:
                 if a.spec.needs_image_encoder:
                     check_image_encoder(a.spec, image_encoder)
         self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
-        replicated = NamedSharding(self.mesh, P())
+        replicated = None if sharded_params else NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
         self._unet = stages.Bound.of(base.unet, replicated)
         self._vae = stages.Bound.of(base.vae, replicated)
@@ -101,7 +103,8 @@ class IPAdapterPipeline:
         self._text_graphs = tuple(b.graphdef for b in text)
         self._text_states = tuple(b.state for b in text)
         self._encoder = stages.Bound.of(image_encoder, replicated) if image_encoder is not None else None
-        self._projections = [stages.Bound.of(a.image_proj, replicated) for a in self.adapters]
+        small = NamedSharding(self.mesh, P())  # projections are small: always replicated
+        self._projections = [stages.Bound.of(a.image_proj, small) for a in self.adapters]
         self.load_seconds = 0.0
 
     @classmethod
@@ -109,12 +112,24 @@ class IPAdapterPipeline:
                         adapters: Sequence[str | Path] = (), dtype="float32", scheduler: str | None = None,
                         variant: str | None = None, attention_impl: Implementation = "auto",
                         revision: str | None = None, faceid_lora_scale: float = 1.0,
-                        mesh: Mesh | None = None) -> IPAdapterPipeline:
+                        mesh: Mesh | None = None, fsdp: int = 1) -> IPAdapterPipeline:
         """Load a diffusers base (folder or hub id), an image encoder and IP-Adapters (official files or our
-        Flax folders, local or `owner/repo/path`), computing in `dtype`."""
+        Flax folders, local or `owner/repo/path`), computing in `dtype`.
+
+        `fsdp > 1` splits every weight over groups of that many devices (for models that do not fit one chip):
+        the mesh becomes (data, fsdp), weights are placed split as they load, and batches use all devices."""
         start = time.perf_counter()
+        placement = None
+        if fsdp > 1:
+            from ipadapter_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, spec_for
+
+            mesh = make_mesh(MeshConfig(data=-1, fsdp=fsdp), None if mesh is None else list(mesh.devices.flat))
+
+            def placement(path, shape):
+                return NamedSharding(mesh, spec_for("/".join(map(str, path)), shape, DEFAULT_RULES, mesh))
         models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
-                           attention_impl=attention_impl, scheduler=scheduler, revision=revision)
+                           attention_impl=attention_impl, scheduler=scheduler, revision=revision,
+                           sharding=placement)
         loaded = [load_ip_adapter(resolve_path(a, what="IP-Adapter"), unet_config=models.unet.config, dtype=dtype)
                   for a in adapters]
         attach(models.unet, loaded)
@@ -124,9 +139,10 @@ class IPAdapterPipeline:
         encoder = processor = None
         if image_encoder is not None and any(a.spec.needs_image_encoder for a in loaded):
             folder = resolve_path(image_encoder, what="image encoder")
-            encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl)
+            encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl, sharding=placement)
             processor = image_processor_for(folder, encoder.image_size)
-        pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh)
+        pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh,
+                   sharded_params=placement is not None)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 

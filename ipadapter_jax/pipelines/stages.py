@@ -27,6 +27,7 @@ class Bound:
 
     @classmethod
     def of(cls, module: nnx.Module, sharding=None) -> Bound:
+        """`sharding`: one for every array (e.g. replicated over the mesh), or None to keep their placement."""
         graphdef, state = nnx.split(module)
         if sharding is not None:
             state = jax.device_put(state, sharding)

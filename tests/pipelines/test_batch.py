@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from PIL import Image
+from reference_models import rel_err
 
 from ipadapter_jax.pipelines.batch import read_manifest, run_batch
 from ipadapter_jax.pipelines.components import load_base
@@ -92,3 +93,16 @@ def test_base_folder_without_unet_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(Exception, match="not a diffusers pipeline folder"):
         load_base(tmp_path)
+
+
+def test_fsdp_sharded_weights_give_the_replicated_result(setup):
+    root, manifest, pipe = setup
+    base, encoder, adapter = root / "sd15", root / "encoder", root / "ip.safetensors"
+    fsdp = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[adapter], fsdp=4)
+    assert dict(fsdp.mesh.shape) == {"data": 2, "fsdp": 4}
+    kernel = fsdp.base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.kernel[...]
+    assert len({str(s.index) for s in kernel.addressable_shards}) == 4  # split four ways, not replicated
+    common = dict(images=[root / "ref0.png"], num_inference_steps=2, seed=5, output_type="latent",
+                  num_images_per_prompt=8)
+    # split weights change the order of float32 sums, nothing else
+    assert rel_err(fsdp("a cat", **common).latents, pipe("a cat", **common).latents) < 1e-5
