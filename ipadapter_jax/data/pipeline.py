@@ -134,6 +134,20 @@ def make_train_dataset(
     read_buffer_size: int | None = None,
 ) -> grain.IterDataset:
     """The batched Grain ``IterDataset`` behind :func:`make_train_iterator` (same arguments)."""
+    transform = TrainTransform(transform_config, seed)
+    transform.load()  # fail here, not in a worker
+    return batched_dataset(source, transform, global_batch_size=global_batch_size, seed=seed,
+                           shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle,
+                           worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+                           read_threads=read_threads, read_buffer_size=read_buffer_size)
+
+
+def batched_dataset(source, transform, *, global_batch_size: int, seed: int, shard_index: int | None = None,
+                    shard_count: int | None = None, num_epochs: int | None = None, shuffle: bool = True,
+                    worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 8,
+                    read_buffer_size: int | None = None) -> grain.IterDataset:
+    """Seeded global shuffle, per-process shards, ``transform(record, record_index, epoch)`` per record (raising
+    ``SkipRecord`` skips and counts it), local batches; the order depends only on the seed and the shard."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -148,9 +162,6 @@ def make_train_dataset(
     if usable == 0:
         raise UserError(f"{source!r} has {len(source)} records, fewer than the {shard_count} processes "
                         "reading it.")
-    transform = TrainTransform(transform_config, seed)
-    transform.load()  # fail here, not in a worker
-
     ds = grain.MapDataset.range(usable)
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -195,7 +195,7 @@ def prepare_dataset(
                 raise UserError(f"No usable records in {source}: skipped {dict(tally.skipped)}; "
                                 "fix the inputs and prepare again.") from None
             raise
-        _move_into_place(Path(builder.data_dir), out_dir)
+        move_into_place(Path(builder.data_dir), out_dir)
     finally:
         tfds.display_progress_bar(was_active)
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -209,7 +209,7 @@ def prepare_dataset(
     )
 
 
-def _move_into_place(built: Path, out_dir: Path) -> None:
+def move_into_place(built: Path, out_dir: Path) -> None:
     # Renames within one folder are atomic; an old dataset is moved aside first and deleted last, so a
     # crash in between leaves it whole under its hidden name.
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -24,7 +24,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from ipadapter_jax.data import pipeline, reader
 from ipadapter_jax.data.sources import SkipRecord
-from ipadapter_jax.data.tfds_builder import _move_into_place, is_prepared_dataset
+from ipadapter_jax.data.tfds_builder import is_prepared_dataset, move_into_place
 from ipadapter_jax.data.transforms import TrainTransform, TransformConfig, drop_flags, sample_rng
 from ipadapter_jax.errors import ConfigError, UserError
 
@@ -208,7 +207,7 @@ def build_encoder_cache(config, out_dir: str | Path | None = None, *, batch_size
         (built / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()
-        _move_into_place(built, out_dir)
+        move_into_place(built, out_dir)
     finally:
         tfds.display_progress_bar(was_active)
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -358,21 +357,7 @@ def make_cached_iterator(source: CacheSource, transform: CachedTransform, *, glo
                          ) -> pipeline.TrainIterator:
     """The Grain pipeline of ``data.pipeline.make_train_iterator`` (same order of records, shards, skip
     counting and checkpointable state) over cached records."""
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    if global_batch_size % shard_count:
-        raise ConfigError(f"global_batch_size {global_batch_size} must be a multiple of the {shard_count} "
-                          "processes.")
-    local_batch = global_batch_size // shard_count
-    usable = len(source) - len(source) % shard_count
-    ds = grain.MapDataset.range(usable)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None).map_with_index(pipeline._WithEpoch(usable))
-    ds = ds[shard_index::shard_count].map(pipeline._ReadAndTransform(source, transform))
-    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(16, 2 * local_batch))
-    it = pipeline._DropSkipped(ds.to_iter_dataset(options)).batch(local_batch, drop_remainder=True)
-    if worker_count > 0:
-        pipeline._mark_absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = pipeline.batched_dataset(source, transform, global_batch_size=global_batch_size, seed=seed,
+                                  shard_index=shard_index, shard_count=shard_count, shuffle=shuffle,
+                                  worker_count=worker_count, read_threads=read_threads)
     return pipeline.TrainIterator(iter(it))
