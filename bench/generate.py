@@ -1,9 +1,10 @@
 """Full generation with an IP-Adapter (encode prompt and image, N denoising steps with classifier-free
 guidance, VAE decode) on an SD1.5-size pipeline with random weights written to disk in the real formats: this
-project (JAX) against diffusers (PyTorch) in the same run, same machine, same folder. Also load time from the
-local folder and the first call's compile time; on a GPU, images/s and the fraction of peak FLOP/s.
+project (JAX) against diffusers (PyTorch) in the same run, same machine, same folder, each side in its own
+process (see _common.py). Also load time from the local folder and the first call's compile time; on a GPU,
+images/s and the fraction of peak FLOP/s.
 
-    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 3] [--dtype float32]
+    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--dtype float32]
 
 Last line: RESULT name=generate ours_s=<median> reference_s=<median> speedup=<reference/ours>
 """
@@ -18,14 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import configure_xla_for_cpu
+import numpy as np
+from _common import configure_xla_for_cpu, emit, run_side
 
-configure_xla_for_cpu()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ipadapter_jax.tiny_models import (  # noqa: E402
+from ipadapter_jax.tiny_models import (
     SCHEDULER,
     write_random_image_encoder,
     write_random_pipeline,
@@ -70,7 +67,10 @@ def reference_image():
     return Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8))
 
 
-def time_ours(base, encoder, adapter, args):
+def side_ours(base, encoder, adapter, args) -> None:
+    configure_xla_for_cpu()
+    import jax
+
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 
     start = time.perf_counter()
@@ -86,10 +86,11 @@ def time_ours(base, encoder, adapter, args):
         start = time.perf_counter()
         pipe("a photo", seed=r + 1, **call)
         times.append(time.perf_counter() - start)
-    return load_s, first_s, times
+    emit({"load_s": load_s, "first_s": first_s, "times": times, "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__})
 
 
-def time_reference(base, encoder, adapter, args):
+def side_reference(base, encoder, adapter, args) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -120,7 +121,8 @@ def time_reference(base, encoder, adapter, args):
         start = time.perf_counter()
         run(r + 1)
         times.append(time.perf_counter() - start)
-    return load_s, first_s, times
+    emit({"load_s": load_s, "first_s": first_s, "times": times, "torch": torch.__version__,
+          "threads": torch.get_num_threads()})
 
 
 def main() -> None:
@@ -128,40 +130,45 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per side after a first (compiling) one")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--models", type=Path, help="reuse (or create) the random model folder here")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; "
-          f"{args.steps} steps, {args.size}x{args.size}, batch {args.batch}, {args.dtype}")
     root = args.models or Path(tempfile.mkdtemp(prefix="ipadapter-bench-"))
-    start = time.perf_counter()
-    if (root / "sd15" / "model_index.json").exists():
-        base, encoder, adapter = root / "sd15", root / "image_encoder", root / "ip-adapter_sd15.safetensors"
-    else:
-        base, encoder, adapter = write_models(root)
-    print(f"models in {root} ({time.perf_counter() - start:.0f} s to write)")
+    base, encoder, adapter = root / "sd15", root / "image_encoder", root / "ip-adapter_sd15.safetensors"
+    if args.side == "ours":
+        return side_ours(base, encoder, adapter, args)
+    if args.side == "reference":
+        return side_reference(base, encoder, adapter, args)
 
-    load, first, times = time_ours(base, encoder, adapter, args)
-    ours = statistics.median(times)
-    print(f"ours: load {load:.1f} s, first call (compile + run) {first:.1f} s, median {ours:.2f} s "
-          f"({', '.join(f'{t:.2f}' for t in times)}), {args.batch / ours:.3f} images/s")
+    start = time.perf_counter()
+    if not (base / "model_index.json").exists():
+        write_models(root)
+    print(f"models in {root} ({time.perf_counter() - start:.0f} s to write); {args.steps} steps, "
+          f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {os.cpu_count()} CPUs")
+    argv = [a for a in sys.argv[1:] if a != "--skip-reference"] + ([] if args.models else ["--models", str(root)])
+    ours = run_side(Path(__file__), argv, "ours")
+    median = statistics.median(ours["times"])
+    print(f"ours (jax {ours['jax']} on {ours['device']}): load {ours['load_s']:.1f} s, first call (compile + run) "
+          f"{ours['first_s']:.1f} s, median {median:.2f} s ({', '.join(f'{t:.2f}' for t in ours['times'])}), "
+          f"{args.batch / median:.3f} images/s")
     unet_flop = UNET_TFLOP_PER_IMAGE * (args.size / 512) ** 2 * 2 * (args.steps + 1) * args.batch * 1e12
-    if jax.default_backend() == "gpu":
-        kind = jax.devices()[0].device_kind
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
-        achieved = unet_flop / ours / 1e12
+    if ours["backend"] == "gpu":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in ours["device"]), None)
+        achieved = unet_flop / median / 1e12
         print(f"ours: UNet work {unet_flop / 1e12:.1f} TFLOP per call -> {achieved:.0f} TFLOP/s"
-              + (f" = {achieved / peak:.1%} of {kind}'s {peak} TFLOP/s dense bf16 peak" if peak else ""))
+              + (f" = {achieved / peak:.1%} of the {peak} TFLOP/s dense bf16 peak" if peak else ""))
     if args.skip_reference:
-        print(f"RESULT name=generate ours_s={ours:.4f} reference_s=nan speedup=nan")
+        print(f"RESULT name=generate ours_s={median:.4f} reference_s=nan speedup=nan")
         return
-    rload, rfirst, rtimes = time_reference(base, encoder, adapter, args)
-    ref = statistics.median(rtimes)
-    print(f"reference (diffusers): load {rload:.1f} s, first call {rfirst:.1f} s, median {ref:.2f} s "
-          f"({', '.join(f'{t:.2f}' for t in rtimes)}), {args.batch / ref:.3f} images/s")
-    print(f"RESULT name=generate ours_s={ours:.4f} reference_s={ref:.4f} speedup={ref / ours:.2f}")
+    ref = run_side(Path(__file__), argv, "reference")
+    ref_median = statistics.median(ref["times"])
+    print(f"reference (diffusers, torch {ref['torch']}, {ref['threads']} threads): load {ref['load_s']:.1f} s, "
+          f"first call {ref['first_s']:.1f} s, median {ref_median:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in ref['times'])}), {args.batch / ref_median:.3f} images/s")
+    print(f"RESULT name=generate ours_s={median:.4f} reference_s={ref_median:.4f} speedup={ref_median / median:.2f}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--out", required=True, type=Path)
     batch.add_argument("--batch-size", type=int, help="items per compiled batch (default: the device count)")
     batch.add_argument("--contact-sheet", action="store_true")
+    batch.add_argument("--distributed", action="store_true",
+                       help="several hosts: call jax.distributed.initialize() first (auto-detected on TPU pods and "
+                            "SLURM; otherwise give --coordinator, --num-processes and --process-id)")
+    batch.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    batch.add_argument("--num-processes", type=int)
+    batch.add_argument("--process-id", type=int)
 
     conv = sub.add_parser("convert", help="convert IP-Adapter weights between the official PyTorch and Flax layouts")
     csub = conv.add_subparsers(dest="direction", required=True)
@@ -185,6 +191,14 @@ def _numbered(out: Path, count: int, suffix: str) -> list[Path]:
 
 
 def _batch(args) -> None:
+    if args.distributed:
+        import jax
+
+        kwargs = {}
+        if args.coordinator:
+            kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                          process_id=args.process_id)
+        jax.distributed.initialize(**kwargs)
     from ipadapter_jax.pipelines.batch import run_batch
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 

@@ -270,7 +270,8 @@ def write_tiny_image_encoder(folder: str | Path, seed: int = 1) -> Path:
 def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_encoder_folder: str | Path,
                           variant: str = "base", seed: int = 2) -> Path:
     """An IP-Adapter in the official layout (`.safetensors` or `.bin` by extension) for a tiny pipeline and
-    image encoder written above: random projection and `to_k_ip`/`to_v_ip`."""
+    image encoder written above: random projection and `to_k_ip`/`to_v_ip` (and, for FaceID, a rank-4 LoRA on
+    every attention layer)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -280,13 +281,22 @@ def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_e
     unet_config = UNetConfig.from_json(Path(pipeline_folder) / "unet" / "config.json")
     encoder = json.loads((Path(image_encoder_folder) / "config.json").read_text())
     width = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
-    spec = make_spec(variant, unet_config, image_feature_dim=width, name=f"tiny-{variant}")
+    rank = 4 if variant == "faceid" else 0
+    spec = make_spec(variant, unet_config, image_feature_dim=width, lora_rank=rank, name=f"tiny-{variant}")
     image_proj = build_image_proj(spec, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     cross = spec.cross_attention_dim
 
-    def kernels():
-        return tuple(jnp.asarray(rng.standard_normal((cross, h)).astype(np.float32) / np.sqrt(cross))
-                     for h in spec.layer_hidden_sizes)
+    def random(rows: int, cols: int):
+        return jnp.asarray(rng.standard_normal((rows, cols)).astype(np.float32) / np.sqrt(rows))
 
-    return export_ip_adapter(IPAdapter(spec, image_proj, kernels(), kernels()), path, overwrite=True)
+    def kernels():
+        return tuple(random(cross, h) for h in spec.layer_hidden_sizes)
+
+    lora = {}
+    for attn2, hidden in zip(spec.layer_paths, spec.layer_hidden_sizes, strict=True) if rank else ():
+        for attn, context in ((attn2.removesuffix("attn2") + "attn1", hidden), (attn2, cross)):
+            for target, fan_in in (("to_q", hidden), ("to_k", context), ("to_v", context), ("to_out", hidden)):
+                lora[f"{attn}.{target}"] = (random(fan_in, rank), random(rank, hidden) * 0.1)
+    adapter = IPAdapter(spec, image_proj, kernels(), kernels(), lora)
+    return export_ip_adapter(adapter, path, overwrite=True)

@@ -70,7 +70,10 @@ class Noise:
 
     @classmethod
     def from_seeds(cls, seeds: Sequence[int], shape: tuple[int, ...]) -> Noise:
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
+        if bad:
+            raise UserError(f"seeds must lie in [0, 2**32), not {bad[0]}.")
+        keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
         parts = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
         draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
         return cls(latents=np.array(draw(parts[:, 0])), image=np.array(draw(parts[:, 1])),

@@ -102,3 +102,35 @@ def test_mismatched_inputs_name_the_fix(tiny):
         pipe("x", images=[ref], num_inference_steps=1, mask_image=ref)
     with pytest.raises(UserError, match="no image encoder was given"):
         IPAdapterPipeline.from_pretrained(base, adapters=[adapter])
+
+
+def test_faceid_adapters_take_face_embeddings(tiny, tmp_path):
+    root, base, encoder, adapter, ref = tiny
+    faceid = write_tiny_ip_adapter(tmp_path / "faceid.safetensors", base, encoder, variant="faceid")
+    pipe = IPAdapterPipeline.from_pretrained(base, adapters=[faceid])  # FaceID needs no image encoder
+    face = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
+    face /= np.linalg.norm(face)
+    from ipadapter_jax.pipelines.image_prompt import ImagePrompt
+
+    def run(embeds):
+        return pipe("a face", images=[ImagePrompt(face_embeds=embeds)], num_inference_steps=2, seed=1,
+                    output_type="latent").latents
+
+    with_face, other = run(face), run(-face)
+    assert np.isfinite(with_face).all() and not np.allclose(with_face, other)
+    with pytest.raises(UserError, match="needs face embeddings"):
+        pipe("a face", images=[ImagePrompt()], num_inference_steps=1)
+    with pytest.raises(UserError, match="expects 512"):
+        run(np.zeros((1, 128), np.float32))
+
+
+def test_bfloat16_generation_runs_close_to_float32(tiny, tmp_path):
+    """A sanity bound for reduced precision (not a parity check: bfloat16 keeps 8 bits of mantissa)."""
+    root, base, encoder, adapter, ref = tiny
+    args = ["generate", *_models(base, encoder, adapter), "--image", str(ref), "--steps", "2", "--seed", "4",
+            "--output-type", "latent"]
+    assert main([*args, "--out", str(tmp_path / "f32.npy")]) == 0
+    assert main([*args, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.npy")]) == 0
+    f32, bf16 = np.load(tmp_path / "f32.npy"), np.load(tmp_path / "bf16.npy")
+    assert np.isfinite(bf16).all()
+    assert np.linalg.norm(bf16 - f32) / np.linalg.norm(f32) < 0.1
