@@ -51,6 +51,7 @@ from ipadapter_jax.models.image_proj import (
     build_image_proj,
     project_tokens,
 )
+from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.weights import ip_adapter_layout as layout
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
@@ -258,7 +259,7 @@ def _from_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], dtype, s
 
     layout.flax_to_official(tensors, spec, source)  # checks every key and shape
     dt = as_dtype(dtype)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_image_proj(spec, dtype=dt, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(lambda: build_image_proj(spec, dtype=dt, rngs=nnx.Rngs(0))))
     for path, var in flat_variables(state).items():
         var.set_value(jnp.asarray(np.asarray(tensors["image_proj." + ".".join(map(str, path))]), dt))
     image_proj = nnx.merge(graphdef, state)

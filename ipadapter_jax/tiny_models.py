@@ -156,13 +156,12 @@ SCHEDULER_XL = {
 
 def _random_state(build, seed: int) -> dict[str, np.ndarray]:
     """PyTorch-layout random weights for the model `build()` would construct, without running its init."""
-    from flax import nnx
-
+    from ipadapter_jax.models.layers import abstract_model
     from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
 
     rng = np.random.default_rng(seed)
     out = {}
-    for path, var in flat_variables(nnx.eval_shape(build)).items():
+    for path, var in flat_variables(abstract_model(build)).items():
         leaf = str(path[-1])
         shape = tuple(var.shape)
         if leaf == "scale":

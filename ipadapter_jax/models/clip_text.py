@@ -22,7 +22,7 @@ from ipadapter_jax.models.clip_encoder import (
     tower_config,
     tower_policy,
 )
-from ipadapter_jax.models.layers import Embed, LayerNorm, Linear
+from ipadapter_jax.models.layers import Embed, LayerNorm, Linear, abstract_model
 
 # Configs written before transformers PR #24773 carry eos_token_id 2: those pool at argmax(input_ids).
 _LEGACY_EOS = 2
@@ -158,7 +158,7 @@ def load_text_encoder(folder, *, dtype="float32", variant: str | None = None,
         ignore += [r"vision_model\..*", r"visual_projection\.weight", r"logit_scale"]
     dt = as_dtype(dtype)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    abstract = nnx.eval_shape(lambda: cls(config, attention_impl=attention_impl, dtype=dt, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: cls(config, attention_impl=attention_impl, dtype=dt, rngs=nnx.Rngs(0)))
     policy = tower_policy("text_model", "text_projection", ignore)
     return load_state(abstract, weights, dtype=dt, policy=policy, what="CLIP text encoder",
                       source=weights.description, sharding=sharding)

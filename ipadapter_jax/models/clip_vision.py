@@ -22,7 +22,7 @@ from ipadapter_jax.models.clip_encoder import (
     tower_config,
     tower_policy,
 )
-from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear
+from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, normal_init
 
 
 def _square(value, name: str) -> int:
@@ -75,8 +75,7 @@ class CLIPVisionOutput:
 class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, c: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
         self.image_size = c.image_size
-        self.class_embedding = nnx.Param((jax.random.normal(rngs.params(), (c.hidden_size,))
-                                          * c.hidden_size**-0.5).astype(dtype))
+        self.class_embedding = nnx.Param(normal_init(rngs, (c.hidden_size,), c.hidden_size**-0.5, dtype))
         self.patch_embedding = Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size,
                                       use_bias=False, dtype=dtype, rngs=rngs)
         self.position_embedding = Embed(c.num_positions, c.hidden_size, dtype=dtype, rngs=rngs)

@@ -7,6 +7,8 @@ and normalisations compute in float32; outputs return to the input dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -18,9 +20,37 @@ class IPAdapterParam(nnx.Param):
     """A trainable IP-Adapter weight (image projection, `to_k_ip`/`to_v_ip`): select by type, never by name."""
 
 
+_SHAPES_ONLY = contextvars.ContextVar("ipadapter_jax_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within this block initialisers return zeros instead of drawing random numbers: building a model under
+    `nnx.eval_shape` to load a checkpoint then traces no random-number code (a few seconds for a UNet)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def abstract_model(build):
+    """`build()`'s module with `ShapeDtypeStruct` leaves: nothing computed, nothing initialised."""
+    with shapes_only():
+        return nnx.eval_shape(build)
+
+
 def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype):
     # PyTorch's default Linear/Conv init, so adapters trained from scratch start as the official code does.
+    if _SHAPES_ONLY.get():
+        return jnp.zeros(shape, dtype)
     return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
+    if _SHAPES_ONLY.get():
+        return jnp.zeros(shape, dtype)
+    return (jax.random.normal(rngs.params(), shape) * std).astype(dtype)
 
 
 def _accumulate(x: jax.Array) -> jnp.dtype | None:
@@ -111,7 +141,7 @@ class LayerNorm(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param((jax.random.normal(rngs.params(), (num_embeddings, dim)) * 0.02).astype(dtype))
+        self.embedding = nnx.Param(normal_init(rngs, (num_embeddings, dim), 0.02, dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)

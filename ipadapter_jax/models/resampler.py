@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.models.layers import IPAdapterParam, LayerNorm, Linear, gelu
+from ipadapter_jax.models.layers import IPAdapterParam, LayerNorm, Linear, gelu, normal_init
 from ipadapter_jax.models.transformer import Placeholder
 
 _P = dict(param_type=IPAdapterParam)
@@ -78,8 +78,7 @@ class Resampler(nnx.Module):
 
     def __init__(self, *, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
                  output_dim: int, ff_mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.latents = IPAdapterParam(
-            (jax.random.normal(rngs.params(), (1, num_queries, dim)) / dim**0.5).astype(dtype))
+        self.latents = IPAdapterParam(normal_init(rngs, (1, num_queries, dim), dim**-0.5, dtype))
         self.proj_in = Linear(embedding_dim, dim, dtype=dtype, rngs=rngs, **_P)
         self.proj_out = Linear(dim, output_dim, dtype=dtype, rngs=rngs, **_P)
         self.norm_out = LayerNorm(output_dim, dtype=dtype, **_P)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Implementation
-from ipadapter_jax.models.layers import Conv2d
+from ipadapter_jax.models.layers import Conv2d, abstract_model
 from ipadapter_jax.models.vae_blocks import Decoder, Encoder
 from ipadapter_jax.weights.torch_layout import KeyPolicy
 
@@ -223,7 +223,7 @@ def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_i
 
     config = AutoencoderKLConfig.from_dict(read_config(folder))
     dt = as_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(config, attention_impl=attention_impl, dtype=dt,
+    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, dtype=dt,
                                                     rngs=nnx.Rngs(0)))
     weights = open_weights(folder, "diffusion_pytorch_model", variant)
     return load_state(abstract, _LinearAttentionWeights(weights), dtype=dt, policy=VAE_KEY_POLICY, what="VAE",

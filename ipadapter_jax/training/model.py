@@ -28,7 +28,7 @@ from ipadapter_jax.models.clip_vision import (
     load_image_encoder,
 )
 from ipadapter_jax.models.image_proj import AdapterSpec, build_image_proj
-from ipadapter_jax.models.layers import IPAdapterParam
+from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.remat import set_remat
 from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
 from ipadapter_jax.models.unet_config import UNetConfig
@@ -201,7 +201,7 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
     set_remat(unet, config.remat)
     spec = adapter_spec(config, unet.config, encoder_config)
     adapter_dtype = as_dtype(config.adapter_dtype)
-    proj_graphdef, abstract_proj = nnx.split(nnx.eval_shape(
+    proj_graphdef, abstract_proj = nnx.split(abstract_model(
         lambda: build_image_proj(spec, dtype=adapter_dtype, rngs=nnx.Rngs(0))))
     encoders = load_encoders(config, info, mesh, rules)[0] if with_encoders else None
     # The projection is abstract here; its values come from the sharded init below.
@@ -253,7 +253,7 @@ def _adapter_name(key: str) -> str:
 def to_ip_adapter(spec: AdapterSpec, params: Mapping[str, np.ndarray]) -> IPAdapter:
     """An ``IPAdapter`` (save/export API of ``ipadapter_jax.ip_adapter``) from host copies of the params."""
     tensors = {_adapter_name(k): np.asarray(v) for k, v in params.items()}
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_image_proj(spec, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(lambda: build_image_proj(spec, rngs=nnx.Rngs(0))))
     for path, var in nnx.to_flat_state(state):
         var.set_value(tensors["image_proj." + ".".join(map(str, path))])
     return IPAdapter(spec, nnx.merge(graphdef, state),

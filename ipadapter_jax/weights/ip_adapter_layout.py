@@ -23,6 +23,7 @@ from flax import nnx
 
 from ipadapter_jax.errors import CheckpointError, ConfigError
 from ipadapter_jax.models.image_proj import AdapterSpec, ResamplerSpec, build_image_proj
+from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.weights.checkpoint_files import flatten, load_torch_file
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
@@ -274,7 +275,7 @@ class Entry:
 def key_table(spec: AdapterSpec) -> list[Entry]:
     """Every tensor of an adapter: projection keys from the Flax module paths (the plain rename table), then
     `to_k_ip`/`to_v_ip` per layer, then the FaceID LoRA of each attn1/attn2 processor."""
-    abstract = nnx.eval_shape(lambda: build_image_proj(spec, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: build_image_proj(spec, rngs=nnx.Rngs(0)))
     table = []
     for path, var in flat_variables(abstract).items():
         leaf = str(path[-1])

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.errors import CheckpointError, ConfigError
+from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.weights.checkpoint_files import open_weights
 from ipadapter_jax.weights.torch_layout import KeyPolicy, load_state
 
@@ -42,7 +43,7 @@ def load_component(folder: str | Path, build: Callable[[], nnx.Module], *, basen
                    variant: str | None = None, policy: KeyPolicy | None = None, what: str = "model",
                    sharding=None, exclude: Any = nnx.Nothing) -> nnx.Module:
     """`build()` constructs the model; it runs under `nnx.eval_shape`, so no random initialisation happens."""
-    abstract = nnx.eval_shape(build)
+    abstract = abstract_model(build)
     weights = open_weights(folder, basename, variant)
     return load_state(abstract, weights, dtype=as_dtype(dtype), policy=policy or KeyPolicy(), what=what,
                       source=weights.description, sharding=sharding, exclude=exclude)
