@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.models.conv import conv2d
+
 
 class IPAdapterParam(nnx.Param):
     """A trainable IP-Adapter weight (image projection, `to_k_ip`/`to_v_ip`): select by type, never by name."""
@@ -89,11 +91,8 @@ class Conv2d(nnx.Module):
             y = jax.lax.dot_general(x_BHWC, kernel[0, 0], (((3,), (0,)), ((), ())),
                                     preferred_element_type=_accumulate(x_BHWC))
         else:
-            p = self.padding
-            y = jax.lax.conv_general_dilated(
-                x_BHWC, kernel, (self.stride, self.stride), [(p, p), (p, p)],
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulate(x_BHWC),
-            )
+            y = conv2d(x_BHWC, kernel, stride=self.stride, padding=self.padding,
+                       accumulate=_accumulate(x_BHWC))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(x_BHWC.dtype)
