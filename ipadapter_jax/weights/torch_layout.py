@@ -172,7 +172,7 @@ def _place(array: np.ndarray, axes: tuple[int, ...] | None, dtype, sharding) -> 
     host = flax_layout_copy(array, axes, dtype)
     if sharding is not None:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    if jax.default_backend() == "cpu" and host.dtype in (np.float32, np.float16, np.int32, np.int64):
+    if jax.default_backend() == "cpu" and host.dtype in (np.float32, np.float16, np.int32):
         return jnp.from_dlpack(host)  # adopts the aligned buffer: no second copy of every weight
     return jnp.asarray(host)
 
