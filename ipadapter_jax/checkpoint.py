@@ -65,16 +65,11 @@ class Checkpointer:
                                   config=ocp.args.JsonSave(record))
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any, iterator) -> tuple[Any, dict[str, Any]]:
-        """(state placed as ``abstract_state`` says, the saved record); ``iterator`` is restored in place."""
+    def restore(self, step: int, abstract_state: Any, iterator) -> Any:
+        """The state placed as ``abstract_state`` says; ``iterator`` is restored in place."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=iterator_restore_args(iterator), config=ocp.args.JsonRestore())
-        try:
-            restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"Checkpoint {self.directory}/{step} cannot be restored into this run ({e}); "
-                                  "resume with the config it was written with, or use a new workdir.") from None
-        return restored["state"], restored["config"]
+                                  data=iterator_restore_args(iterator))
+        return self._restore(step, args, "resume with the config it was written with, or use a new workdir")["state"]
 
     def read_record(self, step: int | None = None) -> dict[str, Any]:
         """The saved config record of ``step`` (default: the latest), without touching the state."""
@@ -83,10 +78,20 @@ class Checkpointer:
             raise CheckpointError(f"No checkpoint in {self.directory}; train first or pass another workdir.")
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-    def restore_state(self, step: int, abstract_state: Any) -> Any:
-        """Only the train state (no data iterator), e.g. to export an adapter from a checkpoint."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+    def restore_state_locally(self, step: int) -> Any:
+        """Only the train state, every array on this process's first device whatever mesh saved it: exporting
+        an adapter trained on a pod works on a laptop."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved.tree)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        return self._restore(step, args, "the checkpoint may be incomplete; try another step")["state"]
+
+    def _restore(self, step: int, args, fix: str) -> Any:
+        try:
+            return self._manager.restore(step, args=args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"Checkpoint {self.directory}/{step} cannot be restored ({e}); {fix}.") from None
 
     def reached_preemption(self, step: int) -> bool:
         """Whether the platform announced a preemption (e.g. TPU maintenance); all processes agree."""

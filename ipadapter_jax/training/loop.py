@@ -147,7 +147,7 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
         check_resumable(checkpointer.read_record(resumed_from), record)
-        state, _ = checkpointer.restore(resumed_from, abstract_like(state), iterator)
+        state = checkpointer.restore(resumed_from, abstract_like(state), iterator)
         _log.info("Resumed from step %d in %s.", resumed_from, checkpointer.directory)
     step = int(jax.device_get(state["step"]))
 
@@ -320,7 +320,7 @@ def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *
                         + (f" (available: {', '.join(map(str, available))})" if available else "") + ".")
     record = checkpointer.read_record(step)
     spec = AdapterSpec.from_dict(record["adapter_spec"])
-    state = checkpointer.restore_state(step, None)
+    state = checkpointer.restore_state_locally(step)
     checkpointer.close()
     host = {k: np.asarray(v) for k, v in state["params"].items()}
     adapter = model_lib.to_ip_adapter(spec, host)

@@ -44,11 +44,8 @@ def to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
 
 
 def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    return array
+    axes = _flax_axes(leaf, array.ndim)
+    return array if axes is None else array.transpose(np.argsort(axes))
 
 
 # Source rows and columns per tile: 64 KB for a linear weight, 37 KB for a 3x3 conv kernel (inside any L2).

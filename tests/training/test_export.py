@@ -30,7 +30,7 @@ def test_export_on_demand_from_a_checkpoint(reference_run, tiny_inputs, tmp_path
     out = export_checkpoint(reference_run.workdir, tmp_path / "step4.safetensors", step=4)
     adapter = load_ip_adapter(out, unet_config=tiny_inputs["base"] / "unet")
     checkpointer = Checkpointer(reference_run.checkpoint_dir, every_steps=1, keep=0)
-    params = checkpointer.restore_state(4, None)["params"]
+    params = checkpointer.restore_state_locally(4)["params"]
     checkpointer.close()
     tensors = adapter.tensors()
     for key, value in params.items():

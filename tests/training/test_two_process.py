@@ -1,9 +1,15 @@
 """Two processes on this machine (jax.distributed on localhost, Gloo CPU collectives, 4 CPU devices each)
 training over one (2, 4) mesh spanning both give the single-process, single-device losses."""
 
+import os
 import socket
+import subprocess
+import sys
 
+import numpy as np
 from training.helpers import REFERENCE_STEPS, config_overrides, read_log, rel_diff, run_workers
+
+from ipadapter_jax.weights.safetensors_io import SafetensorsFile
 
 
 def _free_port() -> int:
@@ -32,3 +38,15 @@ def test_two_processes_give_the_single_process_losses(tiny_inputs, reference_run
         assert rel_diff([m["loss"] for m in log], reference_run.losses) < 1e-5
     assert (tmp_path / "run" / "export" / "ip_adapter.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / str(REFERENCE_STEPS)).is_dir()
+    # The checkpoint was saved over 8 devices in 2 processes; exporting it needs neither: one device will do.
+    out = tmp_path / "one_device.safetensors"
+    cmd = [sys.executable, "-m", "ipadapter_jax.cli", "convert", "from-checkpoint", str(tmp_path / "run"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    final = SafetensorsFile(tmp_path / "run" / "export" / "ip_adapter.safetensors")
+    exported = SafetensorsFile(out)
+    assert set(exported) == set(final)
+    for key in final:
+        np.testing.assert_array_equal(exported[key], final[key], err_msg=key)
