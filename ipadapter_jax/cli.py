@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache-encoders", help="precompute VAE latents, text and image features for training")
     cache.add_argument("--config", required=True, type=Path)
+    cache.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+                       help="float16 halves the cache (worth it for Plus features, 257x1280 per image)")
+    cache.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.add_argument("overrides", nargs="*")
     return parser
 
@@ -255,7 +258,8 @@ def _train(args) -> None:
 def _cache(args) -> None:
     from ipadapter_jax.training import build_encoder_cache, load_train_config
 
-    result = build_encoder_cache(load_train_config(args.config, args.overrides))
+    result = build_encoder_cache(load_train_config(args.config, args.overrides), storage_dtype=args.storage_dtype,
+                                 overwrite=args.overwrite)
     print(result.summary() if hasattr(result, "summary") else result)
 
 

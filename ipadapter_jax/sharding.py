@@ -147,6 +147,12 @@ def tree_shardings(flat: Mapping[str, Any], rules, mesh: Mesh) -> dict[str, Name
     return {path: NamedSharding(mesh, spec_for(path, np.shape(x), rules, mesh)) for path, x in flat.items()}
 
 
+def placer(mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES, prefix: str = ""):
+    """``(path tuple, shape) -> NamedSharding`` for the loaders' ``sharding=`` argument: weights are placed by
+    the rules as they load, under ``prefix`` (e.g. ``"unet/"``)."""
+    return lambda path, shape: NamedSharding(mesh, spec_for(prefix + "/".join(map(str, path)), shape, rules, mesh))
+
+
 def like_params(abstract_tree: Any, param_shardings: Mapping[str, NamedSharding], mesh: Mesh) -> Any:
     """Shardings for a pytree whose dict entries keyed by parameter path mirror the parameters (optimizer
     moments); every other leaf (step counts, scalars) is replicated."""

@@ -24,7 +24,7 @@ for kv in "$@"; do OVERRIDES+=" $(printf %q "$kv")"; done
 # One-time setup per host (idempotent): a virtualenv with JAX for TPU and this package.
 SETUP="test -x $VENV/bin/python || (python3 -m venv $VENV && $VENV/bin/pip install -q -U pip && \
   $VENV/bin/pip install -q 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
-  $VENV/bin/pip install -q -e '$REPO[data]')"
+  $VENV/bin/pip install -q -e \"$REPO[data]\")"
 
 # Logs per host; the run resumes from workdir if it was interrupted, so relaunching the same command continues.
 RUN="cd $REPO && $VENV/bin/ipadapter-jax train --config $RECIPE $OVERRIDES \

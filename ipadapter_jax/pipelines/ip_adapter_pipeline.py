@@ -124,12 +124,10 @@ class IPAdapterPipeline:
         start = time.perf_counter()
         placement = None
         if fsdp > 1:
-            from ipadapter_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, spec_for
+            from ipadapter_jax.sharding import MeshConfig, make_mesh, placer
 
             mesh = make_mesh(MeshConfig(data=-1, fsdp=fsdp), None if mesh is None else list(mesh.devices.flat))
-
-            def placement(path, shape):
-                return NamedSharding(mesh, spec_for("/".join(map(str, path)), shape, DEFAULT_RULES, mesh))
+            placement = placer(mesh)
         models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
                            attention_impl=attention_impl, scheduler=scheduler, revision=revision,
                            sharding=placement)

@@ -101,6 +101,11 @@ class CheckpointConfig:
     async_save: bool = True
     export_every_steps: int = 0  # also write the official .safetensors every N steps (0: only at the end)
 
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ConfigError(f"checkpoint.every_steps must be >= 1, got {self.every_steps} (the final step and "
+                              "preemptions are always saved; a large value saves only those).")
+
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
@@ -110,6 +115,10 @@ class MonitorConfig:
     sample_every_steps: int = 0  # sample grids (0: never)
     sample_prompts: tuple[str, ...] = ()
     sample_images: tuple[str, ...] = ()  # image prompts (files); grid = prompts x images
+
+    def __post_init__(self):
+        if self.log_every_steps < 1:
+            raise ConfigError(f"monitor.log_every_steps must be >= 1, got {self.log_every_steps}.")
     sample_num_steps: int = 30
     sample_guidance: float = 7.5
     sample_resolution: int | None = None  # None: data.resolution

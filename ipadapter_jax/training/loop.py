@@ -168,7 +168,7 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     # ---------------------------------------------------------------- loop
     history: list[dict[str, float]] = []
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    log_every = max(config.monitor.log_every_steps, 1)
+    log_every = config.monitor.log_every_steps
     preempted = False
     try:
         while step < config.total_steps:
@@ -224,7 +224,7 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
 def initialize_distributed(config: TrainConfig) -> None:
     """``jax.distributed.initialize`` once, before anything touches a device (a no-op when disabled)."""
     d = config.distributed
-    if not d.enabled or _distributed_initialized():
+    if not d.enabled or jax.distributed.is_initialized():
         return
     if d.cpu_collectives != "none":
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
@@ -235,12 +235,6 @@ def initialize_distributed(config: TrainConfig) -> None:
     if d.local_device_ids is not None:
         kwargs["local_device_ids"] = list(d.local_device_ids)
     jax.distributed.initialize(**kwargs)
-
-
-def _distributed_initialized() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
 
 
 def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
+from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.errors import ConfigError, UserError
 from ipadapter_jax.ip_adapter import IPAdapter, make_spec
 from ipadapter_jax.models.clip_text import CLIPTextModel, load_text_encoder
@@ -34,7 +35,6 @@ from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, load_vae
 from ipadapter_jax.schedulers import alphas_cumprod_for_config
-from ipadapter_jax.sharding import spec_for
 from ipadapter_jax.training.config import ModelConfig
 from ipadapter_jax.weights.pretrained import as_dtype, read_config
 
@@ -159,10 +159,6 @@ class Encoders(nnx.Module):
         self.image_encoder = image_encoder
 
 
-def _placer(mesh: Mesh, rules, prefix: str):
-    return lambda path, shape: NamedSharding(mesh, spec_for(prefix + "/".join(map(str, path)), shape, rules, mesh))
-
-
 def _encoder_config(config: ModelConfig) -> CLIPVisionConfig:
     if not config.image_encoder or not Path(config.image_encoder).is_dir():
         raise UserError(f"model.image_encoder {config.image_encoder!r} is not a folder; pass the CLIP image "
@@ -177,15 +173,16 @@ def load_encoders(config: ModelConfig, info: BaseInfo, mesh: Mesh, rules) -> tup
     spec = adapter_spec(config, unet_config, encoder_config)
     wv = config.weights_variant
     vae = load_vae(info.folder / "vae", dtype=config.vae_dtype or config.dtype, variant=wv,
-                   attention_impl=config.attention, sharding=_placer(mesh, rules, "vae/"))
+                   attention_impl=config.attention, sharding=sharding_lib.placer(mesh, rules, "vae/"))
     names = ("text_encoder", "text_encoder_2") if info.is_xl else ("text_encoder",)
     text_encoders = tuple(
         load_text_encoder(info.folder / n, dtype=config.dtype, variant=wv,
                           with_projection=True if n == "text_encoder_2" else None,
-                          attention_impl=config.attention, sharding=_placer(mesh, rules, f"text_encoders/{i}/"))
+                          attention_impl=config.attention,
+                          sharding=sharding_lib.placer(mesh, rules, f"text_encoders/{i}/"))
         for i, n in enumerate(names))
     image_encoder = load_image_encoder(config.image_encoder, dtype=config.dtype, attention_impl=config.attention,
-                                       sharding=_placer(mesh, rules, "image_encoder/"))
+                                       sharding=sharding_lib.placer(mesh, rules, "image_encoder/"))
     return Encoders(vae, text_encoders, image_encoder), spec, encoder_config.image_size
 
 
@@ -197,7 +194,7 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
     info = read_base_info(config.base, config.dtype)
     encoder_config = _encoder_config(config)
     unet = load_unet(info.folder / "unet", dtype=config.dtype, variant=config.weights_variant, num_ip_adapters=1,
-                     attention_impl=config.attention, sharding=_placer(mesh, rules, "unet/"))
+                     attention_impl=config.attention, sharding=sharding_lib.placer(mesh, rules, "unet/"))
     set_remat(unet, config.remat)
     spec = adapter_spec(config, unet.config, encoder_config)
     adapter_dtype = as_dtype(config.adapter_dtype)
@@ -211,7 +208,7 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
                        image_encoder=encoders.image_encoder if encoders else None)
     graphdef, trainable_state, frozen_state = nnx.split(model, IPAdapterParam, ...)
     trainable, frozen = flatten(trainable_state), flatten(frozen_state)
-    shardings = {k: NamedSharding(mesh, spec_for(k, v.shape, rules, mesh)) for k, v in trainable.items()}
+    shardings = sharding_lib.tree_shardings(trainable, rules, mesh)
 
     def init(ip_weights: Flat) -> Flat:
         # PyTorch-default projection init; to_k_ip/to_v_ip as loaded (copies of to_k/to_v).
@@ -225,10 +222,6 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
     return Assembled(graphdef=graphdef, trainable=trainable, frozen=frozen,
                      trainable_paths=flat_paths(trainable_state), frozen_paths=flat_paths(frozen_state),
                      spec=spec, info=info, image_size=encoder_config.image_size)
-
-
-def trainable_shardings(trainable: Mapping[str, jax.Array]) -> dict[str, NamedSharding]:
-    return {k: v.sharding for k, v in trainable.items()}
 
 
 def check_adapter_compatible_dicts(now: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

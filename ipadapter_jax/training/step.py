@@ -26,8 +26,6 @@ from ipadapter_jax.models.image_proj import AdapterSpec
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training.config import OptimizerConfig
 
-CACHED_KEYS = ("moments", "text", "image")
-
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then constant (the official recipe), cosine or linear decay to the end."""

@@ -57,6 +57,8 @@ def _flat(text):
     ("optimizer.lr", r"not of the form key=value"),
     ("mesh.data=0", r"mesh sizes"),
     ("global_batch_size=6", r"not a multiple of optimizer.grad_accum_steps"),
+    ("checkpoint.every_steps=0", r"checkpoint.every_steps must be >= 1"),
+    ("monitor.log_every_steps=0", r"monitor.log_every_steps must be >= 1"),
 ])
 def test_override_errors_name_the_key(override, match):
     extra = ["optimizer.grad_accum_steps=4"] if "global_batch_size" in override else []
@@ -77,8 +79,11 @@ def test_missing_paths_are_reported_before_training():
         load_train_config(None).validate_for_training()
 
 
+def test_recipes_exist():
+    assert len(RECIPES) >= 5, RECIPES  # tiny, SD1.5 base and Plus, SDXL, TPU pod
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipes_load(recipe):
-    assert RECIPES, "no recipes under train/"
     config = load_train_config(recipe, ["workdir=/tmp/x", "data.source=/data/prepared"])
     config.validate_for_training()
