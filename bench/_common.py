@@ -1,8 +1,9 @@
 """Shared benchmark plumbing.
 
 Each side (this project, the PyTorch reference) runs in its own process: XLA's and PyTorch's thread pools
-in one process spin against each other on a small CPU and distort both timings. The driver alternates the two
-sides for a few rounds, so load from elsewhere on the machine falls on both alike, and reports medians.
+in one process spin against each other on a small CPU and distort both timings. `alternate` runs the sides in
+turn for a few rounds, so load from elsewhere on the machine falls on both alike (unet_step.py); the longer
+benchmarks run each side once with several timed repeats. All report medians.
 """
 
 from __future__ import annotations

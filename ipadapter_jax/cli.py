@@ -197,11 +197,9 @@ def _batch(args) -> None:
     if args.distributed:
         import jax
 
-        kwargs = {}
-        if args.coordinator:
-            kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                          process_id=args.process_id)
-        jax.distributed.initialize(**kwargs)
+        # Unset values (None) leave jax to detect the cluster (TPU pods, SLURM, ...).
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     from ipadapter_jax.pipelines.batch import run_batch
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 

@@ -73,7 +73,7 @@ def materialize(config: TrainConfig) -> TrainConfig:
         m = dataclasses.replace(m, base=str(folder))
     if m.image_encoder == "tiny":
         folder = root / "tiny" / "image_encoder"
-        if primary and not (folder / "config.json").is_file():
+        if primary and not (folder / "preprocessor_config.json").is_file():  # written last
             write_tiny_image_encoder(folder)
         m = dataclasses.replace(m, image_encoder=str(folder))
     images = root / "tiny" / "synthetic_images"

@@ -166,10 +166,14 @@ def load_state(
 
 
 def _place(array: np.ndarray, axes: tuple[int, ...] | None, dtype, sharding) -> jax.Array:
-    host = flax_layout_copy(array, axes, dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    if axes is None and array.dtype == np.dtype(dtype) and (sharding is not None or not on_cpu):
+        host = array  # already in layout and dtype: accelerators and shards copy from the memory map directly
+    else:
+        host = flax_layout_copy(array, axes, dtype)
     if sharding is not None:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    if jax.default_backend() == "cpu" and host.dtype in (np.float32, np.float16, np.int32):
+    if on_cpu and host.dtype in (np.float32, np.float16, np.int32):
         return jnp.from_dlpack(host)  # adopts the aligned buffer: no second copy of every weight
     return jnp.asarray(host)
 
