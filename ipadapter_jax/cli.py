@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from_ckpt.add_argument("workdir", type=Path)
     from_ckpt.add_argument("--out", type=Path, help="default: <workdir>/export/step_<N>/ip_adapter.safetensors")
     from_ckpt.add_argument("--step", type=int, help="default: the latest checkpoint")
+    from_ckpt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     prep = sub.add_parser("prepare-data", help="official JSON list or caption folder -> TFDS array_record dataset")
     prep.add_argument("source", type=Path)
@@ -226,7 +227,7 @@ def _convert(args) -> None:
     if args.direction == "from-checkpoint":
         from ipadapter_jax.training import export_checkpoint
 
-        path = export_checkpoint(args.workdir, args.out, step=args.step)
+        path = export_checkpoint(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
         print(f"wrote {path} (official IP-Adapter layout)")
     elif args.direction == "to-flax":
         spec = convert_to_flax(resolve_path(args.adapter, what="IP-Adapter"), args.out, unet_config=args.base,

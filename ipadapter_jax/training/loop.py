@@ -294,11 +294,13 @@ def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: M
     monitor.reset_clock(step)
 
 
-def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *, step: int | None = None) -> Path:
+def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *, step: int | None = None,
+                      overwrite: bool = False) -> Path:
     """Export the adapter of a workdir's checkpoint (default: the latest) to the official layout, on demand.
 
     Needs no base model: the checkpoint records the adapter spec. Writes ``out_file``, by default
-    ``<workdir>/export/step_<N>/ip_adapter.safetensors`` with our Flax folder ``ip_adapter/`` beside it.
+    ``<workdir>/export/step_<N>/ip_adapter.safetensors`` with our Flax folder ``ip_adapter/`` beside it. An
+    existing ``out_file`` is replaced only with ``overwrite``; the workdir's own export folder always is.
     """
     from ipadapter_jax.models.image_proj import AdapterSpec
 
@@ -318,7 +320,8 @@ def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *
     checkpointer.close()
     host = {k: np.asarray(v) for k, v in state["params"].items()}
     adapter = model_lib.to_ip_adapter(spec, host)
-    if out_file is None:
+    if out_file is None:  # the workdir's own export folder: regenerated freely
         out_file = Path(workdir) / "export" / f"step_{step:08d}" / EXPORT_NAME
         save_ip_adapter(adapter, out_file.parent / "ip_adapter", overwrite=True)
-    return export_ip_adapter(adapter, out_file, overwrite=True)
+        overwrite = True
+    return export_ip_adapter(adapter, out_file, overwrite=overwrite)

@@ -51,6 +51,10 @@ def test_export_from_the_command_line(reference_run, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     assert main(["convert", "from-checkpoint", str(reference_run.workdir), "--out", str(out), "--step", "4"]) == 0
     assert set(SafetensorsFile(out)) == set(SafetensorsFile(export_checkpoint(reference_run.workdir, step=4)))
+    again = ["convert", "from-checkpoint", str(reference_run.workdir), "--out", str(out)]
+    assert main(again) == 2  # an existing file is kept ...
+    assert str(out) in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0  # ... unless asked
     assert main(["convert", "from-checkpoint", str(reference_run.workdir), "--step", "3"]) == 2
     assert "no checkpoint for step 3 (available:" in capsys.readouterr().err
     assert main(["convert", "from-checkpoint", str(tmp_path / "not-a-run")]) == 2
