@@ -48,9 +48,13 @@ def save_unet(folder: Path, config: dict, seed: int = 0, **save_kwargs):
 
 
 def rel_err(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| in float64; an all-zero reference must be matched exactly (0, else inf)."""
     ours = np.asarray(ours, np.float64)
     ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    diff, scale = np.linalg.norm(ours - ref), np.linalg.norm(ref)
+    if scale == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return float(diff / scale)
 
 
 def save_vae(folder: Path, config: dict, seed: int = 0, **save_kwargs):

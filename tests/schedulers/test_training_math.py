@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_models import rel_err
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.schedulers import (
@@ -46,8 +47,9 @@ def test_zero_terminal_snr_schedule():
     ref = diffusers.DDPMScheduler.from_config(config)
     ours = alphas_cumprod_for_config(config)
     assert ours[-1] == 0.0
-    # torch's vectorised sqrt (MKL) is not always correctly rounded; numpy's is.
-    np.testing.assert_array_max_ulp(ours, ref.alphas_cumprod.numpy(), maxulp=2)
+    # The rescaling takes sqrt of the whole table and squares it back; torch's vectorised sqrt rounds
+    # differently on different CPUs (a few ulps per value), numpy's is correctly rounded.
+    assert rel_err(ours, ref.alphas_cumprod.numpy()) < 1e-6
 
 
 @pytest.fixture
@@ -64,12 +66,12 @@ def test_add_noise_velocity_and_snr_match_diffusers(batch):
     tx, tn, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
     got_noisy = jax.jit(ddpm_add_noise)(ac, x0, noise, jnp.asarray(t, jnp.int32))
     got_v = jax.jit(velocity)(ac, x0, noise, jnp.asarray(t, jnp.int32))
-    # a*x + b*n: XLA fuses it into one FMA where torch rounds twice, so allow a couple of float32 ulps.
-    np.testing.assert_allclose(got_noisy, ref.add_noise(tx, tn, tt).numpy(), rtol=0, atol=5e-7)
-    np.testing.assert_allclose(got_v, ref.get_velocity(tx, tn, tt).numpy(), rtol=0, atol=5e-7)
-    np.testing.assert_array_max_ulp(
-        np.asarray(snr(ac, jnp.asarray(t))), training_utils.compute_snr(ref, tt).numpy(), maxulp=1
-    )
+    # a*x + b*n with torch's sqrt of the schedule (CPU-dependent rounding) and XLA's fused multiply-add: a few
+    # float32 ulps per element.
+    assert rel_err(got_noisy, ref.add_noise(tx, tn, tt).numpy()) < 1e-6
+    assert rel_err(got_v, ref.get_velocity(tx, tn, tt).numpy()) < 1e-6
+    # compute_snr goes through two torch sqrt calls (CPU-dependent rounding); ours divides directly.
+    assert rel_err(snr(ac, jnp.asarray(t)), training_utils.compute_snr(ref, tt).numpy()) < 1e-6
 
 
 def test_training_target(batch):
