@@ -70,7 +70,7 @@ def _our_models(cached: bool):
     import jax.numpy as jnp
     from flax import nnx
 
-    from ipadapter_jax.ip_adapter import make_spec
+    from ipadapter_jax.models.adapter_spec import make_spec
     from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
     from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
     from ipadapter_jax.models.image_proj import build_image_proj

@@ -39,13 +39,8 @@ def prepare(work: Path, args) -> None:
         write_random_model(work / "unet", SD15_UNET, lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)),
                            "diffusion_pytorch_model", 0)
     rng = np.random.default_rng(0)
-    paths = config.cross_attention_layers()
-    hidden = {p: config.block_out_channels[0] for p in paths}
-    for p in paths:  # the attn2 width follows its block's channels
-        block = p.split(".")
-        level = int(block[1]) if block[0] == "down_blocks" else (
-            len(config.block_out_channels) - 1 - int(block[1]) if block[0] == "up_blocks" else -1)
-        hidden[p] = config.block_out_channels[level]
+    hidden = {layer.path: layer.hidden_size for layer in config.cross_attention_layers()}
+    paths = list(hidden)
     ip = {f"{p}.{kv}": (rng.standard_normal((hidden[p], 768)) / np.sqrt(768)).astype(np.float32)
           for p in paths for kv in ("to_k_ip", "to_v_ip")}
     np.savez(work / "ip.npz", **ip)
@@ -61,11 +56,12 @@ def side_ours(work: Path, args) -> None:
     from flax import nnx
 
     from ipadapter_jax.models.ip_conditioning import IPConditioning
-    from ipadapter_jax.models.unet import cross_attentions, load_unet
+    from ipadapter_jax.models.unet import cross_attentions
+    from ipadapter_jax.weights.diffusers_models import load_unet
 
     unet = load_unet(work / "unet", dtype=args.dtype, num_ip_adapters=1, attention_impl=args.attention)
     ip_weights = np.load(work / "ip.npz")
-    paths = unet.config.cross_attention_layers()
+    paths = [layer.path for layer in unet.config.cross_attention_layers()]
     for path, attn in zip(paths, cross_attentions(unet), strict=True):
         attn.to_k_ip[0].kernel.set_value(jnp.asarray(ip_weights[f"{path}.to_k_ip"].T, attn.to_k.kernel.dtype))
         attn.to_v_ip[0].kernel.set_value(jnp.asarray(ip_weights[f"{path}.to_v_ip"].T, attn.to_k.kernel.dtype))

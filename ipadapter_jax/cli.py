@@ -136,9 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate(args) -> None:
     import numpy as np
 
-    from ipadapter_jax.errors import UserError
-    from ipadapter_jax.pipelines import images as imaging
-    from ipadapter_jax.pipelines.image_prompt import ImagePrompt, load_image_embeds, save_image_embeds
+    from ipadapter_jax import images as imaging
+    from ipadapter_jax.pipelines.image_prompt import ImagePrompt, load_image_embeds, per_adapter, save_image_embeds
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
@@ -146,20 +145,16 @@ def _generate(args) -> None:
                                              attention_impl=args.attention, fsdp=args.fsdp)
     n = len(pipe.adapters)
     if n == 1:
-        per_adapter = [[p for spec in args.image for p in spec.split(",")]]
+        images = [[p for spec in args.image for p in spec.split(",")]]
     else:
-        if args.image and len(args.image) != n:
-            raise UserError(f"{n} adapters are loaded: give one --image per adapter (comma-separated for several).")
-        per_adapter = [spec.split(",") for spec in args.image] or [[] for _ in range(n)]
-    scales = args.scale or [1.0]
-    if len(scales) not in (1, n):
-        raise UserError(f"give one --scale, or one per adapter ({n}).")
-    scales = scales * n if len(scales) == 1 else scales
+        images = per_adapter([spec.split(",") for spec in args.image], n, "--image", once=False) if args.image \
+            else [[] for _ in range(n)]
+    scales = per_adapter(args.scale or [1.0], n, "--scale")
     faces = [np.load(f, allow_pickle=False) for f in args.face_embeds]
     prompts = []
     for a in range(n):
         prompts.append(ImagePrompt(
-            images=per_adapter[a] or None, negative_images=args.negative_image[a:a + 1] or None,
+            images=images[a] or None, negative_images=args.negative_image[a:a + 1] or None,
             face_embeds=faces[a] if a < len(faces) else None, scale=scales[a], combine=args.combine,
             masks=(args.mask or None) if a == 0 else None))
     embeds = load_image_embeds(args.embeds, [a.spec for a in pipe.adapters]) if args.embeds else None
@@ -221,8 +216,8 @@ def _batch(args) -> None:
 
 
 def _convert(args) -> None:
-    from ipadapter_jax.ip_adapter import convert_to_flax, convert_to_torch
     from ipadapter_jax.weights.hub import resolve_path
+    from ipadapter_jax.weights.ip_adapter_files import convert_to_flax, convert_to_torch
 
     if args.direction == "from-checkpoint":
         from ipadapter_jax.training import export_checkpoint

@@ -16,26 +16,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ipadapter_jax import images as imaging
+from ipadapter_jax.data.synthetic import write_synthetic_dataset
+from ipadapter_jax.pipelines.image_prompt import ImagePrompt
+from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
+from ipadapter_jax.training import load_train_config, train
+from ipadapter_jax.weights.ip_adapter_files import convert_to_flax, convert_to_torch
+from ipadapter_jax.weights.safetensors_io import SafetensorsFile
+
 
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
-    from ipadapter_jax.weights.safetensors_io import SafetensorsFile
-
     fa, fb = SafetensorsFile(a), SafetensorsFile(b)
     return set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]) for k in fa)
 
 
 def run_demo(out: str | Path, *, train: bool = True, steps: int = 12) -> dict:
-    from ipadapter_jax.data.synthetic import write_synthetic_dataset
-    from ipadapter_jax.ip_adapter import convert_to_flax, convert_to_torch
-    from ipadapter_jax.pipelines import images as imaging
-    from ipadapter_jax.pipelines.image_prompt import ImagePrompt
-    from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-    from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
@@ -103,10 +103,6 @@ def _square_mask(size: int) -> np.ndarray:
 
 
 def _train_and_generate(out: Path, base: Path, encoder: Path, data, refs, common, summary) -> list:
-    from ipadapter_jax.pipelines.image_prompt import ImagePrompt
-    from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-    from ipadapter_jax.training import load_train_config, train
-
     config_file = Path(__file__).resolve().parents[1] / "train" / "tiny.yaml"
     overrides = [f"workdir={out / 'train'}", f"model.base={base}", f"model.image_encoder={encoder}",
                  f"data.source={data.json_file}", f"data.image_root={data.root}"]

@@ -8,7 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from ipadapter_jax.ip_adapter import IPAdapter
+from ipadapter_jax.models.adapter_spec import make_spec
+from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from ipadapter_jax.models.image_proj import build_image_proj
+from ipadapter_jax.models.layers import abstract_model
+from ipadapter_jax.models.unet import UNet2DConditionModel
+from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from ipadapter_jax.weights.ip_adapter_files import export_ip_adapter
+from ipadapter_jax.weights.safetensors_io import save_safetensors
+from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
 
 
 def _byte_alphabet() -> list[str]:
@@ -156,9 +171,6 @@ SCHEDULER_XL = {
 
 def _random_state(build, seed: int) -> dict[str, np.ndarray]:
     """PyTorch-layout random weights for the model `build()` would construct, without running its init."""
-    from ipadapter_jax.models.layers import abstract_model
-    from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
-
     rng = np.random.default_rng(seed)
     out = {}
     for path, var in flat_variables(abstract_model(build)).items():
@@ -176,8 +188,6 @@ def _random_state(build, seed: int) -> dict[str, np.ndarray]:
 
 
 def write_random_model(folder: Path, config: dict, build, basename: str, seed: int) -> None:
-    from ipadapter_jax.weights.safetensors_io import save_safetensors
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_safetensors(_random_state(build, seed), folder / f"{basename}.safetensors")
@@ -187,12 +197,6 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
                           scheduler: dict, seed: int = 0) -> Path:
     """A diffusers-format Stable Diffusion folder (model_index.json, unet, vae, text encoder(s), tokenizer(s),
     scheduler) with random weights for the given configs (the tokenizers are the tiny byte-level ones)."""
-    from flax import nnx
-
-    from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from ipadapter_jax.models.unet import UNet2DConditionModel
-    from ipadapter_jax.models.unet_config import UNetConfig
-    from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
     folder = Path(folder)
     rngs = lambda: nnx.Rngs(0)  # noqa: E731 - only shapes are traced (eval_shape)
@@ -243,9 +247,6 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, i
 def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) -> Path:
     """A transformers `CLIPVisionModelWithProjection` folder with random weights plus its
     preprocessor_config.json (CLIP's standard preprocessing at the config's image size)."""
-    from flax import nnx
-
-    from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = Path(folder)
     parsed = CLIPVisionConfig.from_dict(config)
@@ -271,11 +272,6 @@ def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_e
     """An IP-Adapter in the official layout (`.safetensors` or `.bin` by extension) for a tiny pipeline and
     image encoder written above: random projection and `to_k_ip`/`to_v_ip` (and, for FaceID, a rank-4 LoRA on
     every attention layer)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ipadapter_jax.ip_adapter import IPAdapter, build_image_proj, export_ip_adapter, make_spec
-    from ipadapter_jax.models.unet_config import UNetConfig
 
     unet_config = UNetConfig.from_json(Path(pipeline_folder) / "unet" / "config.json")
     encoder = json.loads((Path(image_encoder_folder) / "config.json").read_text())

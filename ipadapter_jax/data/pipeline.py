@@ -18,6 +18,7 @@ A restored iterator must use the same source, transform, seed, batch size, shard
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -118,38 +119,38 @@ class TrainIterator(grain.DatasetIterator):
         self.num_skipped = int(state["num_skipped"])
 
 
-def make_train_dataset(
-    source,
-    transform_config: TransformConfig,
-    *,
-    global_batch_size: int,
-    seed: int,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    read_threads: int = 8,
-    read_buffer_size: int | None = None,
-) -> grain.IterDataset:
+@dataclasses.dataclass(frozen=True)
+class BatchOptions:
+    """How shuffled records become this process's batches. Shard defaults: ``jax.process_index()`` /
+    ``jax.process_count()``; ``num_epochs`` None repeats forever; ``worker_count`` > 0 transforms in Grain worker
+    processes; ``read_buffer_size`` None prefetches max(16, 2 local batches)."""
+
+    global_batch_size: int
+    seed: int
+    shard_index: int | None = None
+    shard_count: int | None = None
+    num_epochs: int | None = None
+    shuffle: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 8
+    read_buffer_size: int | None = None
+
+
+def make_train_dataset(source, transform_config: TransformConfig, options: BatchOptions) -> grain.IterDataset:
     """The batched Grain ``IterDataset`` behind :func:`make_train_iterator` (same arguments)."""
-    transform = TrainTransform(transform_config, seed)
+    transform = TrainTransform(transform_config, options.seed)
     transform.load()  # fail here, not in a worker
-    return batched_dataset(source, transform, global_batch_size=global_batch_size, seed=seed,
-                           shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle,
-                           worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                           read_threads=read_threads, read_buffer_size=read_buffer_size)
+    return batched_dataset(source, transform, options)
 
 
-def batched_dataset(source, transform, *, global_batch_size: int, seed: int, shard_index: int | None = None,
-                    shard_count: int | None = None, num_epochs: int | None = None, shuffle: bool = True,
-                    worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 8,
-                    read_buffer_size: int | None = None) -> grain.IterDataset:
+def batched_dataset(source, transform, options: BatchOptions) -> grain.IterDataset:
     """Seeded global shuffle, per-process shards, ``transform(record, record_index, epoch)`` per record (raising
     ``SkipRecord`` skips and counts it), local batches; the order depends only on the seed and the shard."""
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
+    o = options
+    global_batch_size, seed = o.global_batch_size, o.seed
+    shard_index = jax.process_index() if o.shard_index is None else o.shard_index
+    shard_count = jax.process_count() if o.shard_count is None else o.shard_count
     if not 0 <= shard_index < shard_count:
         raise ConfigError(f"shard_index {shard_index} must lie in [0, shard_count={shard_count}).")
     if global_batch_size < 1 or global_batch_size % shard_count:
@@ -163,17 +164,17 @@ def batched_dataset(source, transform, *, global_batch_size: int, seed: int, sha
         raise UserError(f"{source!r} has {len(source)} records, fewer than the {shard_count} processes "
                         "reading it.")
     ds = grain.MapDataset.range(usable)
-    if shuffle:
+    if o.shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map_with_index(_WithEpoch(usable))
+    ds = ds.repeat(o.num_epochs).map_with_index(_WithEpoch(usable))
     ds = ds[shard_index::shard_count].map(_ReadAndTransform(source, transform))
-    read_options = grain.ReadOptions(num_threads=read_threads,
-                                     prefetch_buffer_size=read_buffer_size or max(16, 2 * local_batch))
+    read_options = grain.ReadOptions(num_threads=o.read_threads,
+                                     prefetch_buffer_size=o.read_buffer_size or max(16, 2 * local_batch))
     it = _DropSkipped(ds.to_iter_dataset(read_options)).batch(local_batch, drop_remainder=True)
-    if worker_count > 0:
+    if o.worker_count > 0:
         _mark_absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                          per_worker_buffer_size=worker_buffer_size))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=o.worker_count,
+                                                          per_worker_buffer_size=o.worker_buffer_size))
     return it
 
 
@@ -185,33 +186,13 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_train_iterator(
-    source,
-    transform_config: TransformConfig,
-    *,
-    global_batch_size: int,
-    seed: int,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    read_threads: int = 8,
-    read_buffer_size: int | None = None,
-) -> TrainIterator:
+def make_train_iterator(source, transform_config: TransformConfig, options: BatchOptions) -> TrainIterator:
     """Batches of ``global_batch_size // shard_count`` transformed records for this process (see module doc).
 
-    ``source`` is any random-access sequence of records (e.g. ``reader.open_source(...)``). Shard
-    defaults are ``jax.process_index()`` / ``jax.process_count()``. Batches are dicts of numpy arrays
-    with a leading batch axis; see ``transforms`` for the keys.
+    ``source`` is any random-access sequence of records (e.g. ``reader.open_source(...)``). Batches are dicts
+    of numpy arrays with a leading batch axis; see ``transforms`` for the keys.
     """
-    dataset = make_train_dataset(
-        source, transform_config, global_batch_size=global_batch_size, seed=seed, shard_index=shard_index,
-        shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle, worker_count=worker_count,
-        worker_buffer_size=worker_buffer_size, read_threads=read_threads, read_buffer_size=read_buffer_size,
-    )
-    return TrainIterator(iter(dataset))
+    return TrainIterator(iter(make_train_dataset(source, transform_config, options)))
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh, batch_spec) -> dict[str, Any]:

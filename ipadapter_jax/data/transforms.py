@@ -170,6 +170,8 @@ def load_tokenizer(path: str):
     """``CLIPTokenizer.from_pretrained(path)`` with a clear error; a folder with vocab.json and merges.txt."""
     from transformers import CLIPTokenizer
 
+    if not Path(path).is_dir():
+        raise ConfigError(f"CLIP tokenizer folder {path} does not exist; the base model folder is incomplete.")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:

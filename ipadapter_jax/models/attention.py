@@ -151,15 +151,15 @@ class Attention(nnx.Module):
     def _heads(self, x_BLC):
         return x_BLC.reshape(*x_BLC.shape[:2], self.heads, -1)
 
-    def __call__(self, x_BLC, context_BSC=None, *, ip: IPConditioning | None = None, spatial: tuple | None = None):
+    def __call__(self, x_BLC, context_BSC=None, *, ip: IPConditioning | None = None):
         context = x_BLC if context_BSC is None else context_BSC
         q = self._heads(self.to_q(x_BLC))
         out = attention(q, self._heads(self.to_k(context)), self._heads(self.to_v(context)), self.attention_impl)
         if ip is not None and len(self.to_k_ip):
-            out = out + self._image_branch(q, ip, spatial)
+            out = out + self._image_branch(q, ip)
         return self.to_out[0](out.reshape(*x_BLC.shape[:2], -1))
 
-    def _image_branch(self, q_BLHD, ip: IPConditioning, spatial):
+    def _image_branch(self, q_BLHD, ip: IPConditioning):
         """Sum over adapters of scale * attention(q, image tokens); masked images attend one at a time."""
         if len(ip.tokens) != len(self.to_k_ip):
             raise ValueError(f"the UNet holds {len(self.to_k_ip)} IP-Adapters but {len(ip.tokens)} were given")
@@ -174,7 +174,7 @@ class Attention(nnx.Module):
                 total = total + layer_scale * o
                 continue
             layer_scale = scale[self.ip_layer].astype(q_BLHD.dtype)
-            mask_BNL = downsample_mask(mask, q_BLHD.shape[1], spatial).astype(q_BLHD.dtype)
+            mask_BNL = downsample_mask(mask, q_BLHD.shape[1]).astype(q_BLHD.dtype)
             for j in range(tokens_BNTC.shape[1]):
                 tokens = tokens_BNTC[:, j]
                 o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)

@@ -61,17 +61,6 @@ def tower_config(raw: dict[str, Any], key: str) -> tuple[dict[str, Any], bool]:
     return tower, True
 
 
-def tower_policy(tower: str, projection: str, ignore: list[str]):
-    """How a tower's checkpoint keys reach our paths: transformers 5 saves a bare `CLIPTextModel` (or
-    `CLIPVisionModel`) without the `text_model.` prefix that older files and the projection models carry."""
-    from ipadapter_jax.weights.torch_layout import KeyPolicy
-
-    def rename(key: str) -> str:
-        return key if key.startswith((f"{tower}.", f"{projection}.")) else f"{tower}.{key}"
-
-    return KeyPolicy(rename=rename, ignore=(rf"({tower}\.)?embeddings\.position_ids", *ignore))
-
-
 def causal_attention(q_BLHD: jax.Array, k_BLHD: jax.Array, v_BLHD: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(d) + causal mask) v, float32 logits and softmax as transformers computes them."""
     scale = jnp.asarray(q_BLHD.shape[-1] ** -0.5, q_BLHD.dtype)

@@ -20,9 +20,8 @@ from ipadapter_jax.models.clip_encoder import (
     CLIPEncoderConfig,
     encoder_fields,
     tower_config,
-    tower_policy,
 )
-from ipadapter_jax.models.layers import Embed, LayerNorm, Linear, abstract_model
+from ipadapter_jax.models.layers import Embed, LayerNorm, Linear
 
 # Configs written before transformers PR #24773 carry eos_token_id 2: those pool at argmax(input_ids).
 _LEGACY_EOS = 2
@@ -132,33 +131,3 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     def __call__(self, input_ids_BL: jax.Array) -> CLIPTextOutput:
         out = self.text_model(input_ids_BL)
         return dataclasses.replace(out, text_embeds=self.text_projection(out.pooler_output))
-
-
-def load_text_encoder(folder, *, dtype="float32", variant: str | None = None,
-                      with_projection: bool | None = None, attention_impl: Implementation = "auto",
-                      sharding=None) -> CLIPTextModel:
-    """A transformers text encoder folder (`config.json` + `model.safetensors`/`.bin`) as a Flax model.
-
-    `with_projection=None` builds `CLIPTextModelWithProjection` when the config's `architectures` names it or
-    the checkpoint holds `text_projection.weight`; `False` drops a checkpoint's projection on purpose.
-    """
-    from ipadapter_jax.weights.checkpoint_files import open_weights
-    from ipadapter_jax.weights.pretrained import as_dtype, read_config
-    from ipadapter_jax.weights.torch_layout import load_state
-
-    raw = read_config(folder)
-    config = CLIPTextConfig.from_dict(raw)
-    _, full = tower_config(raw, "text_config")
-    weights = open_weights(folder, "model", variant)
-    if with_projection is None:
-        with_projection = ("CLIPTextModelWithProjection" in (raw.get("architectures") or ())
-                           or "text_projection.weight" in weights)
-    ignore = [] if with_projection else [r"text_projection\.weight"]
-    if full:  # a whole CLIPModel checkpoint: the image tower is not ours to load
-        ignore += [r"vision_model\..*", r"visual_projection\.weight", r"logit_scale"]
-    dt = as_dtype(dtype)
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    abstract = abstract_model(lambda: cls(config, attention_impl=attention_impl, dtype=dt, rngs=nnx.Rngs(0)))
-    policy = tower_policy("text_model", "text_projection", ignore)
-    return load_state(abstract, weights, dtype=dt, policy=policy, what="CLIP text encoder",
-                      source=weights.description, sharding=sharding)

@@ -20,7 +20,6 @@ from ipadapter_jax.models.clip_encoder import (
     CLIPEncoderConfig,
     encoder_fields,
     tower_config,
-    tower_policy,
 )
 from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, normal_init
 
@@ -133,24 +132,3 @@ class CLIPVisionModelWithProjection(nnx.Module):
         pooled, states = self.vision_model(pixel_values_BCHW)
         return CLIPVisionOutput(image_embeds=self.visual_projection(pooled), last_hidden_state=states[-1],
                                 pooler_output=pooled, hidden_states=states)
-
-
-def load_image_encoder(folder, *, dtype="float32", variant: str | None = None,
-                       attention_impl: Implementation = "auto",
-                       sharding=None) -> CLIPVisionModelWithProjection:
-    """An IP-Adapter `image_encoder` folder (transformers `CLIPVisionModelWithProjection`) as a Flax model.
-
-    A full `CLIPModel` folder also works: its text tower and `logit_scale` are skipped.
-    """
-    from ipadapter_jax.weights.pretrained import as_dtype, load_component, read_config
-
-    raw = read_config(folder)
-    config = CLIPVisionConfig.from_dict(raw)
-    _, full = tower_config(raw, "vision_config")
-    ignore = [r"text_model\..*", r"text_projection\.weight", r"logit_scale"] if full else []
-    dt = as_dtype(dtype)
-    build = lambda: CLIPVisionModelWithProjection(config, attention_impl=attention_impl, dtype=dt,  # noqa: E731
-                                                  rngs=nnx.Rngs(0))
-    return load_component(folder, build, basename="model", dtype=dt, variant=variant,
-                          policy=tower_policy("vision_model", "visual_projection", ignore),
-                          what="CLIP image encoder", sharding=sharding)

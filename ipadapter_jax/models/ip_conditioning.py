@@ -64,9 +64,8 @@ def mask_grid(mask_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
     return grid_h, num_queries // grid_h
 
 
-def downsample_mask(mask_NHW: jax.Array, num_queries: int, spatial=None) -> jax.Array:
+def downsample_mask(mask_NHW: jax.Array, num_queries: int) -> jax.Array:
     """Resize masks to a layer's query count (bicubic, then pad or truncate as diffusers does): (1, N, L)."""
-    del spatial
     gh, gw = mask_grid(mask_NHW.shape[1:], num_queries)
     rows = jnp.asarray(bicubic_matrix(mask_NHW.shape[1], gh))
     cols = jnp.asarray(bicubic_matrix(mask_NHW.shape[2], gw))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.conv import conv2d
 
 
@@ -159,7 +160,5 @@ def activation(name: str):
     table = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": gelu, "quick_gelu": quick_gelu,
              "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
     if name not in table:
-        from ipadapter_jax.errors import ConfigError
-
         raise ConfigError(f"activation {name!r} is not supported (supported: {', '.join(sorted(table))}).")
     return table[name]

@@ -51,20 +51,20 @@ class BasicTransformerBlock(nnx.Module):
         self.only_cross_attention = only_cross_attention
         self.remat_policy: str | None = None  # models/remat.py
 
-    def __call__(self, x_BLC, context_BSC, ip: IPConditioning | None, spatial):
-        return remat.call(self, lambda block, x, c, ip_: block._forward(x, c, ip_, spatial), x_BLC, context_BSC, ip)
+    def __call__(self, x_BLC, context_BSC, ip: IPConditioning | None):
+        return remat.call(self, lambda block, x, c, ip_: block._forward(x, c, ip_), x_BLC, context_BSC, ip)
 
-    def _forward(self, x_BLC, context_BSC, ip: IPConditioning | None, spatial):
+    def _forward(self, x_BLC, context_BSC, ip: IPConditioning | None):
         x_BLC = x_BLC + self.attn1(self.norm1(x_BLC), context_BSC if self.only_cross_attention else None)
-        x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), context_BSC, ip=ip, spatial=spatial)
+        x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), context_BSC, ip=ip)
         return x_BLC + self.ff(self.norm3(x_BLC))
 
 
 class Transformer2DModel(nnx.Module):
-    def __init__(self, channels: int, heads: int, *, num_layers: int, cross_attention_dim: int,
-                 use_linear_projection: bool, only_cross_attention: bool, norm_groups: int = 32,
-                 num_ip_adapters: int, first_ip_layer: int, attention_impl: Implementation,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, channels: int, heads: int, *, cross_attention_dim: int, use_linear_projection: bool,
+                 only_cross_attention: bool, norm_groups: int = 32, num_ip_adapters: int, ip_layers: tuple[int, ...],
+                 attention_impl: Implementation, dtype=jnp.float32, rngs: nnx.Rngs):
+        """One `BasicTransformerBlock` per entry of `ip_layers`: each `attn2`'s official layer index."""
         self.norm = GroupNorm(norm_groups, channels, eps=1e-6, dtype=dtype)
         proj = (lambda: Linear(channels, channels, dtype=dtype, rngs=rngs)) if use_linear_projection else (
             lambda: Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs))
@@ -72,8 +72,8 @@ class Transformer2DModel(nnx.Module):
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim=cross_attention_dim,
                                   only_cross_attention=only_cross_attention, num_ip_adapters=num_ip_adapters,
-                                  ip_layer=first_ip_layer + i, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
-            for i in range(num_layers)
+                                  ip_layer=ip_layer, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+            for ip_layer in ip_layers
         ])
         self.proj_out = proj()
 
@@ -81,5 +81,5 @@ class Transformer2DModel(nnx.Module):
         b, h, w, c = x_BHWC.shape
         hidden = self.proj_in(self.norm(x_BHWC)).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context_BSC, ip, (h, w))
+            hidden = block(hidden, context_BSC, ip)
         return self.proj_out(hidden.reshape(b, h, w, c)) + x_BHWC

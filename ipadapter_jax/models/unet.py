@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.models.attention import Implementation
+from ipadapter_jax.models.attention import Attention, Implementation
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import Conv2d, GroupNorm
@@ -37,40 +37,31 @@ class UNet2DConditionModel(nnx.Module):
                         only_cross_attention=c.only_cross_attention[i], norm_groups=c.norm_num_groups,
                         num_ip_adapters=num_ip_adapters, attention_impl=attention_impl, dtype=dtype)
 
-        ip_layer = 0
         down = []
         for i, kind in enumerate(c.down_block_types):
-            cross = kind.startswith("CrossAttn")
             down.append(DownBlock(
                 ch[i - 1] if i else ch[0], ch[i], num_layers=c.layers_per_block[i],
-                attention=attention(i) if cross else None, heads=c.heads[i],
-                transformer_layers=c.transformer_layers_per_block[i], first_ip_layer=ip_layer,
-                add_downsample=i < len(ch) - 1, resnet=resnet, downsample_padding=c.downsample_padding,
-                dtype=dtype, rngs=rngs))
-            if cross:
-                ip_layer += c.layers_per_block[i] * c.transformer_layers_per_block[i]
+                attention=attention(i) if kind.startswith("CrossAttn") else None, heads=c.heads[i],
+                ip_layers=c.ip_layer_index(f"down_blocks.{i}"), add_downsample=i < len(ch) - 1, resnet=resnet,
+                downsample_padding=c.downsample_padding, dtype=dtype, rngs=rngs))
         self.down_blocks = nnx.List(down)
 
-        rev_ch, rev_heads = ch[::-1], c.heads[::-1]
-        rev_layers, rev_tlayers = c.layers_per_block[::-1], c.transformer_layers_per_block[::-1]
-        rev_cross = tuple(range(len(ch)))[::-1]
+        rev_ch, rev_heads, rev_layers = ch[::-1], c.heads[::-1], c.layers_per_block[::-1]
         up = []
         for i, kind in enumerate(c.up_block_types):
-            cross = kind.startswith("CrossAttn")
             up.append(UpBlock(
                 rev_ch[i - 1] if i else rev_ch[0], rev_ch[i], rev_ch[min(i + 1, len(ch) - 1)],
-                num_layers=rev_layers[i] + 1, attention=attention(rev_cross[i]) if cross else None,
-                heads=rev_heads[i], transformer_layers=rev_tlayers[i], first_ip_layer=ip_layer,
-                add_upsample=i < len(ch) - 1, resnet=resnet, dtype=dtype, rngs=rngs))
-            if cross:
-                ip_layer += (rev_layers[i] + 1) * rev_tlayers[i]
+                num_layers=rev_layers[i] + 1,
+                attention=attention(len(ch) - 1 - i) if kind.startswith("CrossAttn") else None,
+                heads=rev_heads[i], ip_layers=c.ip_layer_index(f"up_blocks.{i}"), add_upsample=i < len(ch) - 1,
+                resnet=resnet, dtype=dtype, rngs=rngs))
         self.up_blocks = nnx.List(up)
 
-        self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], transformer_layers=c.transformer_layers_per_block[-1],
-                                  first_ip_layer=ip_layer, attention=attention(len(ch) - 1),
+        self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], ip_layers=c.ip_layer_index("mid_block"),
+                                  attention=attention(len(ch) - 1),
                                   resnet=dict(resnet, output_scale_factor=c.mid_block_scale_factor),
                                   dtype=dtype, rngs=rngs)
-        self.num_ip_layers = ip_layer + c.transformer_layers_per_block[-1]
+        self.num_ip_layers = c.num_ip_layers
         self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2,
                                dtype=dtype, rngs=rngs)
@@ -112,8 +103,6 @@ class UNet2DConditionModel(nnx.Module):
 
 def cross_attentions(unet: UNet2DConditionModel) -> list:
     """Every `attn2` module, in the official IP-Adapter numbering order (its `ip_layer`)."""
-    from ipadapter_jax.models.attention import Attention
-
     found = [m for path, m in nnx.iter_modules(unet) if isinstance(m, Attention) and path[-1] == "attn2"]
     return sorted(found, key=lambda m: m.ip_layer)
 
@@ -124,21 +113,3 @@ def init_ip_from_text(unet: UNet2DConditionModel) -> None:
         for to_k_ip, to_v_ip in zip(attn.to_k_ip, attn.to_v_ip, strict=True):
             to_k_ip.kernel.set_value(attn.to_k.kernel[...])
             to_v_ip.kernel.set_value(attn.to_v.kernel[...])
-
-
-def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-              variant: str | None = None, sharding=None) -> UNet2DConditionModel:
-    """A diffusers `unet/` folder as a Flax UNet; IP-Adapter slots start as copies of `to_k`/`to_v`."""
-    from ipadapter_jax.models.layers import IPAdapterParam
-    from ipadapter_jax.weights.pretrained import as_dtype, load_component, read_config
-
-    config = UNetConfig.from_dict(read_config(folder))
-    dt = as_dtype(dtype)
-    unet = load_component(
-        folder,
-        lambda: UNet2DConditionModel(config, num_ip_adapters=num_ip_adapters, attention_impl=attention_impl,
-                                     dtype=dt, rngs=nnx.Rngs(0)),
-        basename="diffusion_pytorch_model", dtype=dt, variant=variant, what="UNet", sharding=sharding,
-        exclude=IPAdapterParam)
-    init_ip_from_text(unet)
-    return unet

@@ -12,23 +12,20 @@ from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from ipadapter_jax.models.transformer import Transformer2DModel
 
 
-def _transformer(channels, heads, num_layers, spec, first_ip_layer, rngs):
-    return Transformer2DModel(channels, heads, num_layers=num_layers, first_ip_layer=first_ip_layer, rngs=rngs, **spec)
+def _transformer(channels, heads, spec, ip_layers: tuple[int, ...], rngs):
+    return Transformer2DModel(channels, heads, ip_layers=ip_layers, rngs=rngs, **spec)
 
 
 class DownBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, attention: dict | None, heads: int,
-                 transformer_layers: int, first_ip_layer: int, add_downsample: bool, resnet: dict,
+                 ip_layers: tuple[tuple[int, ...], ...], add_downsample: bool, resnet: dict,
                  downsample_padding: int, dtype, rngs: nnx.Rngs):
         self.resnets = nnx.List([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, dtype=dtype, rngs=rngs, **resnet)
             for i in range(num_layers)
         ])
-        self.attentions = nnx.List([
-            _transformer(out_channels, heads, transformer_layers, attention, first_ip_layer + i * transformer_layers,
-                         rngs)
-            for i in range(num_layers)
-        ] if attention else [])
+        self.attentions = nnx.List([_transformer(out_channels, heads, attention, ip_layers[i], rngs)
+                                    for i in range(num_layers)] if attention else [])
         self.downsamplers = nnx.List(
             [Downsample2D(out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)] if add_downsample else []
         )
@@ -47,12 +44,11 @@ class DownBlock(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-    def __init__(self, channels: int, *, heads: int, transformer_layers: int, first_ip_layer: int, attention: dict,
+    def __init__(self, channels: int, *, heads: int, ip_layers: tuple[tuple[int, ...], ...], attention: dict,
                  resnet: dict, dtype, rngs: nnx.Rngs):
         self.resnets = nnx.List([ResnetBlock2D(channels, channels, dtype=dtype, rngs=rngs, **resnet)
                                  for _ in range(2)])
-        self.attentions = nnx.List([_transformer(channels, heads, transformer_layers, attention, first_ip_layer,
-                                                 rngs)])
+        self.attentions = nnx.List([_transformer(channels, heads, attention, ip_layers[0], rngs)])
 
     def __call__(self, x, temb, context, ip: IPConditioning | None):
         x = self.resnets[0](x, temb)
@@ -63,7 +59,7 @@ class MidBlock(nnx.Module):
 
 class UpBlock(nnx.Module):
     def __init__(self, prev_channels: int, out_channels: int, skip_in_channels: int, *, num_layers: int,
-                 attention: dict | None, heads: int, transformer_layers: int, first_ip_layer: int, add_upsample: bool,
+                 attention: dict | None, heads: int, ip_layers: tuple[tuple[int, ...], ...], add_upsample: bool,
                  resnet: dict, dtype, rngs: nnx.Rngs):
         resnets = []
         for i in range(num_layers):
@@ -71,11 +67,8 @@ class UpBlock(nnx.Module):
             x_in = prev_channels if i == 0 else out_channels
             resnets.append(ResnetBlock2D(x_in + skip, out_channels, dtype=dtype, rngs=rngs, **resnet))
         self.resnets = nnx.List(resnets)
-        self.attentions = nnx.List([
-            _transformer(out_channels, heads, transformer_layers, attention, first_ip_layer + i * transformer_layers,
-                         rngs)
-            for i in range(num_layers)
-        ] if attention else [])
+        self.attentions = nnx.List([_transformer(out_channels, heads, attention, ip_layers[i], rngs)
+                                    for i in range(num_layers)] if attention else [])
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)] if add_upsample else [])
 
     def __call__(self, x, skips: list[jax.Array], temb, context, ip: IPConditioning | None,

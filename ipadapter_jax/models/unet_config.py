@@ -1,8 +1,11 @@
-"""`UNet2DConditionModel` architecture read from a diffusers `config.json`, with per-block lists resolved."""
+"""`UNet2DConditionModel` architecture read from a diffusers `config.json`, with per-block lists resolved; the
+order of its cross-attention layers (the one definition the UNet, the adapter layout and the per-block scales
+use); and the standard SD1.5 / SD2.x / SDXL UNets."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -128,21 +131,79 @@ class UNetConfig:
             raise ConfigError(f"{path} is not valid JSON ({e}).") from None
         return cls.from_dict(raw)
 
-    def cross_attention_layers(self) -> list[str]:
-        """Paths of every `attn2`, in the official IP-Adapter numbering order (down, up, mid)."""
-        paths = []
-        for i, t in enumerate(self.down_block_types):
-            if t.startswith("CrossAttn"):
-                for j in range(self.layers_per_block[i]):
-                    for k in range(self.transformer_layers_per_block[i]):
-                        paths.append(f"down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2")
-        rev_layers = self.layers_per_block[::-1]
-        rev_tlayers = self.transformer_layers_per_block[::-1]
-        for i, t in enumerate(self.up_block_types):
-            if t.startswith("CrossAttn"):
-                for j in range(rev_layers[i] + 1):
-                    for k in range(rev_tlayers[i]):
-                        paths.append(f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2")
-        for k in range(self.transformer_layers_per_block[-1]):
-            paths.append(f"mid_block.attentions.0.transformer_blocks.{k}.attn2")
-        return paths
+    @functools.cache  # noqa: B019 (frozen, hashable configs: one list per architecture)
+    def cross_attention_layers(self) -> tuple[CrossAttentionLayer, ...]:
+        """Every `attn2`, in the official IP-Adapter numbering order: down blocks, then up blocks, then the mid
+        block (the order of diffusers' `attn_processors`). Layer i is `ip_adapter.<2i+1>` in official files."""
+        channels = self.block_out_channels
+        rev_layers, rev_tlayers = self.layers_per_block[::-1], self.transformer_layers_per_block[::-1]
+        blocks = [("down", i, self.layers_per_block[i], self.transformer_layers_per_block[i], channels[i])
+                  for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")]
+        blocks += [("up", i, rev_layers[i] + 1, rev_tlayers[i], channels[::-1][i])
+                   for i, t in enumerate(self.up_block_types) if t.startswith("CrossAttn")]
+        blocks.append(("mid", 0, 1, self.transformer_layers_per_block[-1], channels[-1]))
+        return tuple(CrossAttentionLayer(side, block, j, k, width)
+                     for side, block, attentions, transformers, width in blocks
+                     for j in range(attentions) for k in range(transformers))
+
+    @property
+    def num_ip_layers(self) -> int:
+        return len(self.cross_attention_layers())
+
+    def ip_layer_index(self, prefix: str) -> tuple[tuple[int, ...], ...]:
+        """For the block at `prefix` (e.g. "down_blocks.1"): the official index of each attention's transformer
+        layers, [attention][transformer]; empty for a block without cross-attention."""
+        rows: dict[int, list[int]] = {}
+        for i, layer in enumerate(self.cross_attention_layers()):
+            if layer.block_path == prefix:
+                rows.setdefault(layer.attention, []).append(i)
+        return tuple(tuple(rows[j]) for j in sorted(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionLayer:
+    """One `attn2`: `<side>_blocks.<block>.attentions.<attention>.transformer_blocks.<transformer>.attn2`
+    (`mid_block.attentions.0...` for the mid block), with the width of its hidden states."""
+
+    side: str  # "down", "mid" or "up"
+    block: int
+    attention: int
+    transformer: int
+    hidden_size: int
+
+    @property
+    def block_path(self) -> str:
+        return "mid_block" if self.side == "mid" else f"{self.side}_blocks.{self.block}"
+
+    @property
+    def path(self) -> str:
+        return f"{self.block_path}.attentions.{self.attention}.transformer_blocks.{self.transformer}.attn2"
+
+
+_SDXL_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+STANDARD_BASES: dict[str, UNetConfig] = {
+    "sd15": UNetConfig(),
+    "sd2": UNetConfig(heads=(5, 10, 20, 20), cross_attention_dim=(1024,) * 4, use_linear_projection=True),
+    "sdxl": UNetConfig(block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2),
+                       transformer_layers_per_block=(1, 2, 10), heads=(5, 10, 20), cross_attention_dim=(2048,) * 3,
+                       only_cross_attention=(False,) * 3, use_linear_projection=True,
+                       addition_embed_type="text_time", addition_time_embed_dim=256,
+                       projection_class_embeddings_input_dim=2816, **_SDXL_BLOCKS),
+}
+BASE_NAMES = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
+_ALIASES = {"sd15": "sd15", "sd1": "sd15", "sd2": "sd2", "sd2x": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
+
+
+def standard_base(name: str) -> UNetConfig | None:
+    """The standard UNet called `name` (sd15, sd1.5, sd2, sd21, sdxl, ...), or None."""
+    key = _ALIASES.get(name.lower().replace(".", "").replace("-", "").replace("_", ""))
+    return STANDARD_BASES[key] if key else None
+
+
+def base_name(cross_attention_dim: int, num_layers: int) -> str | None:
+    """"SD1.5", "SD2.x" or "SDXL" for a standard (cross width, layer count), else None."""
+    for key, config in STANDARD_BASES.items():
+        if config.context_dim == cross_attention_dim and config.num_ip_layers == num_layers:
+            return BASE_NAMES[key]
+    return None

@@ -4,8 +4,6 @@ diagonal Gaussian posterior, and the latent scaling the Stable Diffusion pipelin
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -15,9 +13,8 @@ from flax import nnx
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Implementation
-from ipadapter_jax.models.layers import Conv2d, abstract_model
+from ipadapter_jax.models.layers import Conv2d
 from ipadapter_jax.models.vae_blocks import Decoder, Encoder
-from ipadapter_jax.weights.torch_layout import KeyPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,53 +175,3 @@ class AutoencoderKL(nnx.Module):
     def pixels_from_latents(self, latents_BHWC: jax.Array) -> jax.Array:
         """Undo the diffusion scaling and decode."""
         return self.decode(unscale_latents(latents_BHWC, **self._scaling()))
-
-
-# Checkpoints saved before diffusers renamed the VAE attention (query/key/value/proj_attn), sometimes with
-# those projections stored as 1x1 convolutions [C, C, 1, 1].
-_OLD_ATTENTION = re.compile(r"^((?:en|de)coder\.mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
-_NEW_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTENTION_WEIGHT = re.compile(
-    r"^(?:en|de)coder\.mid_block\.attentions\.\d+\.(?:query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.weight$")
-
-
-def _rename_legacy(key: str) -> str:
-    return _OLD_ATTENTION.sub(lambda m: m.group(1) + _NEW_NAMES[m.group(2)] + ".", key)
-
-
-VAE_KEY_POLICY = KeyPolicy(rename=_rename_legacy)
-
-
-class _LinearAttentionWeights(Mapping[str, np.ndarray]):
-    """A state dict whose 1x1-conv attention projections read as linear [out, in] weights."""
-
-    def __init__(self, state_dict: Mapping[str, np.ndarray]):
-        self._base = state_dict
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        array = self._base[key]
-        if array.ndim == 4 and array.shape[2:] == (1, 1) and _ATTENTION_WEIGHT.match(key):
-            return array[:, :, 0, 0]
-        return array
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._base)
-
-    def __len__(self) -> int:
-        return len(self._base)
-
-
-def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_impl: Implementation = "auto",
-             sharding=None) -> AutoencoderKL:
-    """A diffusers `vae/` folder as a Flax `AutoencoderKL`, computing in `dtype`."""
-    from ipadapter_jax.weights.checkpoint_files import open_weights
-    from ipadapter_jax.weights.pretrained import as_dtype, read_config
-    from ipadapter_jax.weights.torch_layout import load_state
-
-    config = AutoencoderKLConfig.from_dict(read_config(folder))
-    dt = as_dtype(dtype)
-    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, dtype=dt,
-                                                    rngs=nnx.Rngs(0)))
-    weights = open_weights(folder, "diffusion_pytorch_model", variant)
-    return load_state(abstract, _LinearAttentionWeights(weights), dtype=dt, policy=VAE_KEY_POLICY, what="VAE",
-                      source=weights.description, sharding=sharding)

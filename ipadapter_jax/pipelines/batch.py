@@ -28,11 +28,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.pipelines import images as imaging
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt
+from ipadapter_jax.pipelines.image_prompt import ImagePrompt, per_adapter
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline, Noise
 
 ITEM_KEYS = ("id", "prompt", "negative_prompt", "images", "negative_images", "masks", "face_embeds", "combine",
@@ -58,9 +59,8 @@ def _per_adapter(value, n: int, key: str, line: int):
         return [None] * n
     if n == 1 and not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, type(None)))):
         return [value]
-    if not isinstance(value, list) or len(value) != n:
-        raise UserError(f"manifest line {line}: '{key}' needs one entry per IP-Adapter ({n}).")
-    return value
+    return per_adapter(value if isinstance(value, list) else [value], n, f"manifest line {line}: '{key}'",
+                       once=False)
 
 
 def _resolve(root: Path, p):
@@ -102,9 +102,8 @@ def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | N
         for key in ("init_image", "mask_image"):
             item[key] = _resolve(path.parent, item[key])
         scale = item["scale"]
-        item["scale"] = (scale if isinstance(scale, list) and num_adapters > 1 else [scale] * num_adapters)
-        if len(item["scale"]) != num_adapters:
-            raise UserError(f"manifest {path} line {line_no}: 'scale' needs one entry per IP-Adapter.")
+        item["scale"] = per_adapter(scale if isinstance(scale, list) and num_adapters > 1 else [scale],
+                                    num_adapters, f"manifest {path} line {line_no}: 'scale'")
         item["line"] = line_no
         items.append(item)
     if not items:
@@ -226,8 +225,6 @@ def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, repo
 
 def _gather(x) -> np.ndarray:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

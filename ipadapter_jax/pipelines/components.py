@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ipadapter_jax.data.transforms import load_tokenizer
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.models.attention import Implementation
-from ipadapter_jax.models.clip_text import CLIPTextModel, load_text_encoder
-from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
-from ipadapter_jax.models.vae import AutoencoderKL, load_vae
+from ipadapter_jax.models.clip_text import CLIPTextModel
+from ipadapter_jax.models.unet import UNet2DConditionModel
+from ipadapter_jax.models.vae import AutoencoderKL
 from ipadapter_jax.schedulers import Scheduler, load_scheduler
+from ipadapter_jax.weights.diffusers_models import load_text_encoder, load_unet, load_vae
 from ipadapter_jax.weights.hub import resolve
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
@@ -42,17 +44,6 @@ class BaseModels:
         return self.unet.config.sample_size * self.vae_scale_factor
 
 
-def load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    if not folder.is_dir():
-        raise UserError(f"tokenizer folder {folder} does not exist; the base model folder is incomplete.")
-    try:
-        return CLIPTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise UserError(f"the tokenizer in {folder} cannot be read ({e}); re-download the base model.") from None
-
-
 def load_base(base: str | Path, *, dtype="float32", variant: str | None = None, num_ip_adapters: int = 0,
               attention_impl: Implementation = "auto", scheduler: str | None = None,
               revision: str | None = None, sharding=None) -> BaseModels:
@@ -73,7 +64,7 @@ def load_base(base: str | Path, *, dtype="float32", variant: str | None = None, 
     names = ["text_encoder", "text_encoder_2"] if (folder / "text_encoder_2").is_dir() else ["text_encoder"]
     encoders = tuple(load_text_encoder(folder / n, dtype=dtype, variant=variant, attention_impl=attention_impl,
                                        sharding=sharding) for n in names)
-    tokenizers = tuple(load_tokenizer(folder / n.replace("text_encoder", "tokenizer")) for n in names)
+    tokenizers = tuple(load_tokenizer(str(folder / n.replace("text_encoder", "tokenizer"))) for n in names)
     xl = unet.config.addition_embed_type == "text_time"
     if xl and len(encoders) != 2:
         raise UserError(f"{folder} has an SDXL UNet but no text_encoder_2/; the base model folder is incomplete.")

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from ipadapter_jax.errors import UserError
+from ipadapter_jax.images import binary_mask, load_image
 from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.pipelines.images import binary_mask, load_image
 
 COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
 
@@ -79,6 +79,16 @@ class ImagePrompt:
         return [load_image(i, what="reference image") for i in self.images or []]
 
 
+def per_adapter(values: list, n: int, what: str, *, once: bool = True) -> list:
+    """One entry per IP-Adapter from `values` given once per adapter, or (`once`) a single one for all of them."""
+    if once and len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        either = " (or one for all)" if once else ""
+        raise UserError(f"{what} needs one entry per IP-Adapter ({n}){either}, got {len(values)}.")
+    return list(values)
+
+
 def combine_features(features: np.ndarray, mode: str, axis: int = 0) -> np.ndarray:
     """Merge N reference embeddings (along `axis`) into one, keeping the axis (size 1)."""
     xp = np
@@ -103,10 +113,11 @@ def combine_features(features: np.ndarray, mode: str, axis: int = 0) -> np.ndarr
 
 def _attention_blocks(config: UNetConfig) -> dict[str, dict[int, int]]:
     """{"down": {block: number of attentions}, "up": {...}} for blocks with cross-attention."""
-    down = {i: config.layers_per_block[i] for i, t in enumerate(config.down_block_types) if t.startswith("Cross")}
-    rev = config.layers_per_block[::-1]
-    up = {i: rev[i] + 1 for i, t in enumerate(config.up_block_types) if t.startswith("Cross")}
-    return {"down": down, "up": up}
+    blocks: dict[str, dict[int, set]] = {"down": {}, "up": {}}
+    for layer in config.cross_attention_layers():
+        if layer.side != "mid":
+            blocks[layer.side].setdefault(layer.block, set()).add(layer.attention)
+    return {side: {b: len(a) for b, a in found.items()} for side, found in blocks.items()}
 
 
 def _expand_dict(scale: dict, config: UNetConfig) -> dict[str, Any]:
@@ -147,7 +158,7 @@ def _expand_dict(scale: dict, config: UNetConfig) -> dict[str, Any]:
 def layer_scales(scale: Scale, config: UNetConfig, num_masked_images: int | None = None) -> np.ndarray:
     """An adapter's scale per cross-attention layer in official order: (n_layers,), or (n_layers, N) when its
     N images have masks (each image may then have its own scale)."""
-    paths = config.cross_attention_layers()
+    paths = [layer.path for layer in config.cross_attention_layers()]
     n = len(paths)
     if isinstance(scale, str):
         if scale not in PRESETS:

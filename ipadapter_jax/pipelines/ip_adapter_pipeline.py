@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -23,28 +24,22 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.ip_adapter import (
-    IPAdapter,
-    attach,
-    check_image_encoder,
-    image_processor_for,
-    load_ip_adapter,
-    merge_faceid_lora,
-    pixel_values,
-)
+from ipadapter_jax.generation import prompts, stages
+from ipadapter_jax.generation.conditioning import Conditioning, guided, sdxl_time_ids
+from ipadapter_jax.generation.denoise import Inpainting
+from ipadapter_jax.generation.image_features import image_processor_for, pixel_values
+from ipadapter_jax.ip_adapter import IPAdapter, attach, check_image_encoder, merge_faceid_lora
 from ipadapter_jax.models.attention import Implementation
-from ipadapter_jax.models.clip_vision import load_image_encoder
-from ipadapter_jax.models.image_proj import IMAGE_EMBEDS
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.resnet import nearest_resize
-from ipadapter_jax.pipelines import images as imaging
-from ipadapter_jax.pipelines import prompts, stages
 from ipadapter_jax.pipelines.components import BaseModels, load_base
-from ipadapter_jax.pipelines.denoise import Conditioning, Inpainting, interleave
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks, layer_scales
 from ipadapter_jax.schedulers import make_scheduler
+from ipadapter_jax.weights.diffusers_models import load_image_encoder
 from ipadapter_jax.weights.hub import resolve_path
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 
 
 @dataclasses.dataclass
@@ -164,8 +159,9 @@ class IPAdapterPipeline:
             if not ip.images:
                 raise UserError(f"the {spec.variant} IP-Adapter in slot {self.adapters.index(adapter)} needs "
                                 "reference images (or precomputed embeddings).")
+            encode = partial(stages.image_features, self._encoder.graphdef, self._encoder.state, spec)
             pixels = jnp.asarray(pixel_values(self.image_processor, ip.loaded_images()))
-            features = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature, pixels)
+            features = encode(pixels)
             if ip.negative_images:
                 negative_pixels = pixel_values(self.image_processor,
                                                [imaging.load_image(i, what="negative image")
@@ -173,14 +169,9 @@ class IPAdapterPipeline:
                 if negative_pixels.shape[0] not in (1, pixels.shape[0]):
                     raise UserError(f"give one negative image or one per reference image ({pixels.shape[0]}), "
                                     f"not {negative_pixels.shape[0]}.")
-                negative_pixels = np.broadcast_to(negative_pixels, pixels.shape)
-                negative = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature,
-                                                 jnp.asarray(negative_pixels))
-            elif spec.image_feature == IMAGE_EMBEDS:
-                negative = jnp.zeros_like(features)
+                negative = encode(jnp.asarray(np.broadcast_to(negative_pixels, pixels.shape)))
             else:
-                negative = stages.image_features(self._encoder.graphdef, self._encoder.state, spec.image_feature,
-                                                 pixels, True)
+                negative = encode(pixels, True)
             out.append((np.asarray(negative), np.asarray(features)))
         return out
 
@@ -315,35 +306,25 @@ class IPAdapterPipeline:
         plan = sched.plan(num_inference_steps, strength=strength, eta=eta)
 
         t0 = time.perf_counter()
-        ids = prompts.tokenize_all(base.tokenizers, positive)
-        context, pooled = stages.encode_text(self._text_graphs, self._text_states,
-                                             tuple(self._place(i, batch) for i in ids))
-        if cfg:
-            zero_negative = negative is None and base.is_xl and base.force_zeros_for_empty_prompt
-            if zero_negative:
-                neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
-            else:
-                neg_ids = prompts.tokenize_all(base.tokenizers, negative or [""] * batch)
-                neg_context, neg_pooled = stages.encode_text(self._text_graphs, self._text_states,
-                                                             tuple(self._place(i, batch) for i in neg_ids))
-            context = interleave(neg_context, context)
-            pooled = interleave(neg_pooled, pooled) if pooled is not None else None
-        time_ids = None
-        if base.is_xl:
-            orig = original_size or (height, width)
-            row = np.asarray([*orig, *crops_coords_top_left, height, width], np.float32)
-            time_ids = jnp.asarray(np.tile(row, ((2 if cfg else 1) * batch, 1)))
+        context, pooled = self._encode_text(positive)
+        if cfg and negative is None and base.is_xl and base.force_zeros_for_empty_prompt:
+            neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+        elif cfg:
+            neg_context, neg_pooled = self._encode_text(negative or [""] * batch)
+        time_ids = (jnp.asarray(sdxl_time_ids(batch, height, width, original_size, crops_coords_top_left))
+                    if base.is_xl else None)
         timings["text_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ip = self._ip_conditioning(image_prompts, batch, cfg, height, width, embeds, per_item)
+        ip = self._ip_conditioning(image_prompts, batch, height, width, embeds, per_item)
+        cond = Conditioning(context, pooled, time_ids, None if ip is None else ip[1])
+        if cfg:
+            cond = guided(Conditioning(neg_context, neg_pooled, time_ids, None if ip is None else ip[0]), cond)
         timings["image_prompt_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         latents, inpaint = self._initial_latents(sched, plan, noise, batch, height, width, init, mask, strength)
-        cond = Conditioning(context=self._place(context, context.shape[0]),
-                            pooled=self._place(pooled, context.shape[0]),
-                            time_ids=self._place(time_ids, context.shape[0]), ip=ip)
+        cond = self._place_conditioning(cond)
         final = stages.run_denoise(self._unet.graphdef, self._unet.state, sched, plan,
                                    self._place(latents, batch), cond, self._place(guidance, batch),
                                    self._place(rescale, batch), jnp.asarray(ip_window, jnp.float32),
@@ -357,9 +338,23 @@ class IPAdapterPipeline:
         timings["decode_s"] = time.perf_counter() - t0
         return pixels, final
 
-    def _ip_conditioning(self, image_prompts, batch: int, cfg: bool, height: int, width: int, embeds,
-                         per_item: list[list[ImagePrompt]] | None = None):
-        """IP tokens, scales and masks for the batch: shared image prompts, or one list of them per item."""
+    def _encode_text(self, texts: list[str]) -> tuple[jax.Array, jax.Array | None]:
+        ids = prompts.tokenize_all(self.base.tokenizers, texts)
+        return stages.encode_text(self._text_graphs, self._text_states,
+                                  tuple(self._place(i, len(texts)) for i in ids))
+
+    def _place_conditioning(self, cond: Conditioning) -> Conditioning:
+        """Per-row arrays split over the mesh like the batch; scales and masks stay as they are (shared)."""
+        rows = cond.context.shape[0]
+        ip = cond.ip and dataclasses.replace(cond.ip, tokens=tuple(self._place(t, rows) for t in cond.ip.tokens))
+        return Conditioning(self._place(cond.context, rows), self._place(cond.pooled, rows),
+                            self._place(cond.time_ids, rows), ip)
+
+    def _ip_conditioning(self, image_prompts, batch: int, height: int, width: int, embeds,
+                         per_item: list[list[ImagePrompt]] | None = None
+                         ) -> tuple[IPConditioning, IPConditioning] | None:
+        """(negative, positive) IP tokens, scales and masks for the batch: shared image prompts, or one list of
+        them per item."""
         if not self.adapters:
             if image_prompts or per_item:
                 raise UserError("image prompts were given but no IP-Adapter is loaded; pass adapters.")
@@ -377,14 +372,14 @@ class IPAdapterPipeline:
                 raise ValueError(f"{len(per_item)} image-prompt lists for a batch of {batch}")
             rows = [self.image_tokens(item) for item in per_item]
             prompts_by_item = per_item
-        tokens, scales, masks = [], [], []
+        negatives, positives, scales, masks = [], [], [], []
         for a in range(len(self.adapters)):
             neg = jnp.concatenate([row[a][0] for row in rows])
             pos = jnp.concatenate([row[a][1] for row in rows])
             if len({(p.shape[1:]) for p in (neg, pos)}) != 1:
                 raise UserError(f"adapter {a}: every item of a batch needs the same number of reference images.")
-            tok = interleave(neg, pos) if cfg else pos
-            tokens.append(self._place(tok, tok.shape[0]))
+            negatives.append(neg)
+            positives.append(pos)
             first = prompts_by_item[0][a]
             n_images = pos.shape[1]
             if first.masks and len(first.masks) != n_images:
@@ -395,11 +390,12 @@ class IPAdapterPipeline:
                 scales.append(jnp.asarray(item_scales[0]))
             elif n_masked is not None:
                 raise UserError("items with masks in one batch must share their IP-Adapter scales.")
-            else:  # one row of scales per batch row (negative and positive branch alike)
-                per_row = np.stack(item_scales)
-                scales.append(jnp.asarray(np.repeat(per_row, 2, axis=0) if cfg else per_row))
+            else:  # one row of scales per item
+                scales.append(jnp.asarray(np.stack(item_scales)))
             masks.append(jnp.asarray(ip_masks(first.masks, height, width)) if first.masks else None)
-        return IPConditioning(tokens=tuple(tokens), scales=tuple(scales), masks=tuple(masks))
+        scales, masks = tuple(scales), tuple(masks)
+        return (IPConditioning(tokens=tuple(negatives), scales=scales, masks=masks),
+                IPConditioning(tokens=tuple(positives), scales=scales, masks=masks))
 
     def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
         """Pure noise (text-to-image), the noised init image (image-to-image), plus mask inputs (inpainting)."""

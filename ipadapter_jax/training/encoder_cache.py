@@ -35,8 +35,13 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from ipadapter_jax.data import pipeline, reader
 from ipadapter_jax.data.sources import SkipRecord
 from ipadapter_jax.data.tfds_builder import is_prepared_dataset, move_into_place
-from ipadapter_jax.data.transforms import TrainTransform, TransformConfig, drop_flags, sample_rng
+from ipadapter_jax.data.transforms import TrainTransform, TransformConfig, drop_flags, load_tokenizer, sample_rng
 from ipadapter_jax.errors import ConfigError, UserError
+from ipadapter_jax.sharding import MeshConfig, make_mesh
+from ipadapter_jax.training import loss as loss_lib
+from ipadapter_jax.training.inputs import materialize
+from ipadapter_jax.training.loss import Unconditional
+from ipadapter_jax.training.model import adapter_spec, load_encoders, read_base_info, read_encoder_config
 
 META_FILE = "ipadapter_cache.json"
 UNCOND_FILE = "unconditional.npz"  # the drop substitutes (empty prompt, dropped image), from the same encoders
@@ -138,11 +143,6 @@ def build_encoder_cache(config, out_dir: str | Path | None = None, *, batch_size
     Runs in one process on its default device (build once; every host then reads it). ``storage_dtype``
     ``float16`` halves the size (Plus features are (257, 1280) per image for ViT-H).
     """
-    from ipadapter_jax.sharding import MeshConfig, make_mesh
-    from ipadapter_jax.training import loss as loss_lib
-    from ipadapter_jax.training.inputs import materialize
-    from ipadapter_jax.training.model import load_encoders, read_base_info
-
     if storage_dtype not in ("float32", "float16"):
         raise ConfigError(f"storage_dtype must be float32 or float16, got {storage_dtype!r}.")
     if out_dir is None:
@@ -155,7 +155,9 @@ def build_encoder_cache(config, out_dir: str | Path | None = None, *, batch_size
     config = materialize(dataclasses.replace(config, data=dataclasses.replace(config.data, cache=None)))
     mesh = make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
     info = read_base_info(config.model.base, config.model.dtype)
-    encoders, spec, image_size = load_encoders(config.model, info, mesh, (("(.*)", "replicated"),))
+    encoder_config = read_encoder_config(config.model)
+    spec, image_size = adapter_spec(config.model, info.unet_config, encoder_config), encoder_config.image_size
+    encoders = load_encoders(config.model, info, mesh, (("(.*)", "replicated"),))
     graphdef, weights = nnx.split(encoders)
     source = reader.open_source(config.data.source, config.data.split, config.data.image_key,
                                 config.data.text_key, data_dir=config.data.data_dir)
@@ -216,7 +218,6 @@ def build_encoder_cache(config, out_dir: str | Path | None = None, *, batch_size
 
 def _encoded(source, transform, encode, keys, batch_size, store, num_threads, progress, counts):
     """Records in source order: encodings of readable ones, ``valid=False`` placeholders for the others."""
-
     def load(i):
         try:
             return transform(source[i], i, 0)
@@ -288,8 +289,6 @@ def transform_config(config, info, image_size: int, *, drops: bool = True) -> Tr
 
 def empty_ids(info) -> tuple[np.ndarray, ...]:
     """Token ids of the empty prompt per tokenizer (1, L), padded as the training transform pads captions."""
-    from ipadapter_jax.data.transforms import load_tokenizer
-
     out = []
     for path in info.tokenizer_paths:
         tok = load_tokenizer(path)
@@ -303,8 +302,6 @@ def empty_ids(info) -> tuple[np.ndarray, ...]:
 
 def load_unconditional(cache_dir: str | Path):
     """The cache's drop substitutes as a ``loss.Unconditional``."""
-    from ipadapter_jax.training.loss import Unconditional
-
     with np.load(Path(cache_dir) / UNCOND_FILE) as f:
         return Unconditional(text=jnp.asarray(f["text"]), image=jnp.asarray(f["image"]),
                              pooled=jnp.asarray(f["pooled"]) if "pooled" in f.files else None)
@@ -351,13 +348,8 @@ class CachedTransform:
         return out
 
 
-def make_cached_iterator(source: CacheSource, transform: CachedTransform, *, global_batch_size: int, seed: int,
-                         shuffle: bool = True, read_threads: int = 8, worker_count: int = 0,
-                         shard_index: int | None = None, shard_count: int | None = None
+def make_cached_iterator(source: CacheSource, transform: CachedTransform, options: pipeline.BatchOptions
                          ) -> pipeline.TrainIterator:
     """The Grain pipeline of ``data.pipeline.make_train_iterator`` (same order of records, shards, skip
     counting and checkpointable state) over cached records."""
-    it = pipeline.batched_dataset(source, transform, global_batch_size=global_batch_size, seed=seed,
-                                  shard_index=shard_index, shard_count=shard_count, shuffle=shuffle,
-                                  worker_count=worker_count, read_threads=read_threads)
-    return pipeline.TrainIterator(iter(it))
+    return pipeline.TrainIterator(iter(pipeline.batched_dataset(source, transform, options)))

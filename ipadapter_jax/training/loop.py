@@ -23,13 +23,15 @@ from ipadapter_jax.checkpoint import Checkpointer, abstract_like
 from ipadapter_jax.config import to_dict
 from ipadapter_jax.data import pipeline, reader
 from ipadapter_jax.errors import ConfigError, UserError
-from ipadapter_jax.ip_adapter import export_ip_adapter, save_ip_adapter
+from ipadapter_jax.models.adapter_spec import AdapterSpec
 from ipadapter_jax.training import encoder_cache, inputs
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training import model as model_lib
 from ipadapter_jax.training import step as step_lib
 from ipadapter_jax.training.config import TrainConfig
 from ipadapter_jax.training.monitoring import Monitor
+from ipadapter_jax.training.samples import SampleGrid, write_grid
+from ipadapter_jax.weights.ip_adapter_files import export_ip_adapter, load_ip_adapter, save_ip_adapter
 
 _log = logging.getLogger("ipadapter_jax.train")
 RECORD_FORMAT = "ipadapter_jax.train"
@@ -92,28 +94,23 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     spec, info = assembled.spec, assembled.info
     params, frozen = assembled.trainable, assembled.frozen
     if config.model.init_adapter:
-        from ipadapter_jax.ip_adapter import load_ip_adapter
-
         adapter = load_ip_adapter(config.model.init_adapter, unet_config=info.folder / "unet")
         params = model_lib.from_ip_adapter(adapter, params)
 
     # ---------------------------------------------------------------- input
+    d = config.data
+    batches = pipeline.BatchOptions(global_batch_size=config.global_batch_size, seed=config.seed, shuffle=d.shuffle,
+                                    worker_count=d.worker_count, read_threads=d.read_threads)
     if cached:
-        encoder_cache.check_cache(config.data.cache, encoder_cache.cache_meta(config, spec, info))
-        source = encoder_cache.CacheSource(config.data.cache)
-        d = config.data
+        encoder_cache.check_cache(d.cache, encoder_cache.cache_meta(config, spec, info))
         iterator = encoder_cache.make_cached_iterator(
-            source, encoder_cache.CachedTransform(d.p_drop_image, d.p_drop_text, d.p_drop_both, config.seed),
-            global_batch_size=config.global_batch_size, seed=config.seed, shuffle=d.shuffle,
-            read_threads=d.read_threads, worker_count=d.worker_count)
-        uncond = encoder_cache.load_unconditional(config.data.cache)
+            encoder_cache.CacheSource(d.cache),
+            encoder_cache.CachedTransform(d.p_drop_image, d.p_drop_text, d.p_drop_both, config.seed), batches)
+        uncond = encoder_cache.load_unconditional(d.cache)
     else:
-        source = reader.open_source(config.data.source, config.data.split, config.data.image_key,
-                                    config.data.text_key, data_dir=config.data.data_dir)
+        source = reader.open_source(d.source, d.split, d.image_key, d.text_key, data_dir=d.data_dir)
         iterator = pipeline.make_train_iterator(
-            source, encoder_cache.transform_config(config, info, assembled.image_size),
-            global_batch_size=config.global_batch_size, seed=config.seed, shuffle=config.data.shuffle,
-            worker_count=config.data.worker_count, read_threads=config.data.read_threads)
+            source, encoder_cache.transform_config(config, info, assembled.image_size), batches)
         uncond = jax.jit(lambda p, f, ids: loss_lib.unconditional(assembled.merge(p, f), spec, ids,
                                                                    assembled.image_size))(
             params, frozen, encoder_cache.empty_ids(info))
@@ -274,18 +271,15 @@ def _export(params, spec, out_dir: Path, primary: bool) -> Path:
 def _sample_grid(config: TrainConfig, assembled, mesh, frozen, cached: bool):
     if not config.monitor.sample_every_steps:
         return None
-    from ipadapter_jax.training.samples import SampleGrid
 
     if cached:  # the encoders are not part of a cached run's model
-        encoders = model_lib.load_encoders(config.model, assembled.info, mesh, config.mesh.rules)[0]
+        encoders = model_lib.load_encoders(config.model, assembled.info, mesh, config.mesh.rules)
     else:
         encoders = assembled.merge(assembled.trainable, frozen)
     return SampleGrid(config, assembled, encoders, mesh)
 
 
 def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: Monitor) -> None:
-    from ipadapter_jax.training.samples import write_grid
-
     image = sampler(params, frozen)
     if jax.process_index() == 0:
         path = write_grid(image, workdir, step)
@@ -302,8 +296,6 @@ def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *
     ``<workdir>/export/step_<N>/ip_adapter.safetensors`` with our Flax folder ``ip_adapter/`` beside it. An
     existing ``out_file`` is replaced only with ``overwrite``; the workdir's own export folder always is.
     """
-    from ipadapter_jax.models.image_proj import AdapterSpec
-
     folder = Path(workdir) / "checkpoints"
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; point to a training workdir (the one given as workdir=...).")

@@ -14,10 +14,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ipadapter_jax.models.image_proj import IMAGE_EMBEDS, AdapterSpec, project_tokens
-from ipadapter_jax.models.ip_conditioning import IPConditioning
+from ipadapter_jax.generation.conditioning import unit_ip
+from ipadapter_jax.generation.image_features import image_features
+from ipadapter_jax.generation.prompts import encode as encode_text
+from ipadapter_jax.models.adapter_spec import AdapterSpec
+from ipadapter_jax.models.image_proj import project_tokens
 from ipadapter_jax.models.vae import scale_latents
-from ipadapter_jax.pipelines.prompts import encode as encode_text
 from ipadapter_jax.schedulers import ddpm_add_noise, snr, training_target
 
 
@@ -47,11 +49,6 @@ class LossSettings:
     min_snr_gamma: float | None = None
 
 
-def image_features(image_encoder, clip_pixels_BCHW: jax.Array, spec: AdapterSpec) -> jax.Array:
-    out = image_encoder(clip_pixels_BCHW)
-    return out.image_embeds if spec.image_feature == IMAGE_EMBEDS else out.hidden_states[-2]
-
-
 def encode(model, spec: AdapterSpec, batch: dict[str, jax.Array]) -> Encoded:
     """Run the frozen VAE and encoders on a batch of raw examples (no drops applied)."""
     posterior = model.vae.encode(batch["pixel_values"])
@@ -65,11 +62,9 @@ def encode(model, spec: AdapterSpec, batch: dict[str, jax.Array]) -> Encoded:
 def unconditional(model, spec: AdapterSpec, empty_ids: tuple[jax.Array, ...], image_size: int) -> Unconditional:
     """The drop substitutes, from the empty prompt's token ids (one row per tokenizer) and a zero image."""
     text, pooled = encode_text(tuple(model.text_encoders), empty_ids)
-    if spec.image_feature == IMAGE_EMBEDS:  # tutorial_train.py zeroes image_embeds
-        image = jnp.zeros((spec.image_feature_dim,), text.dtype)
-    else:  # tutorial_train_plus.py zeroes the CLIP pixels
-        dtype = model.image_encoder.vision_model.embeddings.class_embedding.dtype
-        image = image_features(model.image_encoder, jnp.zeros((1, 3, image_size, image_size), dtype), spec)[0]
+    dtype = model.image_encoder.vision_model.embeddings.class_embedding.dtype
+    image = image_features(model.image_encoder, jnp.zeros((1, 3, image_size, image_size), dtype), spec,
+                           negative=True)[0]
     return Unconditional(text=text[0], image=image, pooled=None if pooled is None else pooled[0])
 
 
@@ -120,8 +115,8 @@ def loss_terms(unet, image_proj, spec: AdapterSpec, alphas_cumprod: jax.Array, s
     def predict(unet, image_proj, noisy, image, text, pooled):
         dtype = unet.conv_in.kernel.dtype
         tokens = project_tokens(image_proj, spec, image)[:, None].astype(dtype)
-        ip = IPConditioning(tokens=(tokens,), scales=(jnp.ones((unet.num_ip_layers,), jnp.float32),), masks=(None,))
-        return unet(noisy.astype(dtype), d.timesteps, text, text_embeds=pooled, time_ids=time_ids, ip=ip)
+        return unet(noisy.astype(dtype), d.timesteps, text, text_embeds=pooled, time_ids=time_ids,
+                    ip=unit_ip(tokens, unet.num_ip_layers))
 
     pred = predict(unet, image_proj, noisy, enc.image, enc.text, enc.pooled)
     mse_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))

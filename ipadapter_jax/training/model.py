@@ -21,21 +21,19 @@ from jax.sharding import Mesh
 
 from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.errors import ConfigError, UserError
-from ipadapter_jax.ip_adapter import IPAdapter, make_spec
-from ipadapter_jax.models.clip_text import CLIPTextModel, load_text_encoder
-from ipadapter_jax.models.clip_vision import (
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    load_image_encoder,
-)
-from ipadapter_jax.models.image_proj import AdapterSpec, build_image_proj
+from ipadapter_jax.ip_adapter import IPAdapter
+from ipadapter_jax.models.adapter_spec import AdapterSpec, make_spec
+from ipadapter_jax.models.clip_text import CLIPTextModel
+from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from ipadapter_jax.models.image_proj import build_image_proj
 from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.remat import set_remat
-from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
+from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, load_vae
+from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from ipadapter_jax.schedulers import alphas_cumprod_for_config
 from ipadapter_jax.training.config import ModelConfig
+from ipadapter_jax.weights.diffusers_models import load_image_encoder, load_text_encoder, load_unet, load_vae
 from ipadapter_jax.weights.pretrained import as_dtype, read_config
 
 Flat = dict[str, jax.Array]
@@ -59,6 +57,7 @@ class BaseInfo:
     """Static facts of the base model the step needs (never traced)."""
 
     folder: Path
+    unet_config: UNetConfig
     is_xl: bool
     alphas_cumprod: np.ndarray  # float32 (num_train_timesteps,)
     prediction_type: str  # the scheduler config's
@@ -87,7 +86,7 @@ def read_base_info(folder: str | Path, dtype: str) -> BaseInfo:
         if not (folder / name).is_dir():
             raise UserError(f"{folder} has no {name}/ folder; the base model folder is incomplete.")
     return BaseInfo(
-        folder=folder, is_xl=is_xl, alphas_cumprod=alphas_cumprod_for_config(scheduler),
+        folder=folder, unet_config=unet_config, is_xl=is_xl, alphas_cumprod=alphas_cumprod_for_config(scheduler),
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         vae_scaling=dict(scaling_factor=vae_config.scaling_factor, shift_factor=vae_config.shift_factor,
                          latents_mean=vae_config.latents_mean, latents_std=vae_config.latents_std),
@@ -159,18 +158,15 @@ class Encoders(nnx.Module):
         self.image_encoder = image_encoder
 
 
-def _encoder_config(config: ModelConfig) -> CLIPVisionConfig:
+def read_encoder_config(config: ModelConfig) -> CLIPVisionConfig:
     if not config.image_encoder or not Path(config.image_encoder).is_dir():
         raise UserError(f"model.image_encoder {config.image_encoder!r} is not a folder; pass the CLIP image "
                         "encoder folder (config.json + model.safetensors).")
     return CLIPVisionConfig.from_dict(read_config(config.image_encoder))
 
 
-def load_encoders(config: ModelConfig, info: BaseInfo, mesh: Mesh, rules) -> tuple[Encoders, AdapterSpec, int]:
-    """(VAE + text encoder(s) + image encoder placed by ``rules``, the adapter spec, the CLIP input size)."""
-    encoder_config = _encoder_config(config)
-    unet_config = UNetConfig.from_dict(read_config(info.folder / "unet"))
-    spec = adapter_spec(config, unet_config, encoder_config)
+def load_encoders(config: ModelConfig, info: BaseInfo, mesh: Mesh, rules) -> Encoders:
+    """The VAE, text encoder(s) and image encoder, each parameter placed by ``rules``."""
     wv = config.weights_variant
     vae = load_vae(info.folder / "vae", dtype=config.vae_dtype or config.dtype, variant=wv,
                    attention_impl=config.attention, sharding=sharding_lib.placer(mesh, rules, "vae/"))
@@ -183,7 +179,7 @@ def load_encoders(config: ModelConfig, info: BaseInfo, mesh: Mesh, rules) -> tup
         for i, n in enumerate(names))
     image_encoder = load_image_encoder(config.image_encoder, dtype=config.dtype, attention_impl=config.attention,
                                        sharding=sharding_lib.placer(mesh, rules, "image_encoder/"))
-    return Encoders(vae, text_encoders, image_encoder), spec, encoder_config.image_size
+    return Encoders(vae, text_encoders, image_encoder)
 
 
 def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, seed: int) -> Assembled:
@@ -192,15 +188,15 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
     ``with_encoders=False`` (encoder cache) loads only the UNet; the VAE and encoders stay on disk.
     """
     info = read_base_info(config.base, config.dtype)
-    encoder_config = _encoder_config(config)
+    encoder_config = read_encoder_config(config)
+    spec = adapter_spec(config, info.unet_config, encoder_config)
     unet = load_unet(info.folder / "unet", dtype=config.dtype, variant=config.weights_variant, num_ip_adapters=1,
                      attention_impl=config.attention, sharding=sharding_lib.placer(mesh, rules, "unet/"))
     set_remat(unet, config.remat)
-    spec = adapter_spec(config, unet.config, encoder_config)
     adapter_dtype = as_dtype(config.adapter_dtype)
     proj_graphdef, abstract_proj = nnx.split(abstract_model(
         lambda: build_image_proj(spec, dtype=adapter_dtype, rngs=nnx.Rngs(0))))
-    encoders = load_encoders(config, info, mesh, rules)[0] if with_encoders else None
+    encoders = load_encoders(config, info, mesh, rules) if with_encoders else None
     # The projection is abstract here; its values come from the sharded init below.
     model = TrainModel(unet, nnx.merge(proj_graphdef, abstract_proj),
                        vae=encoders.vae if encoders else None,

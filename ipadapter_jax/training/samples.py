@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.data.transforms import load_tokenizer
 from ipadapter_jax.errors import ConfigError
-from ipadapter_jax.ip_adapter import image_processor_for, pixel_values
+from ipadapter_jax.generation.conditioning import Conditioning, guided, sdxl_time_ids, unit_ip
+from ipadapter_jax.generation.denoise import denoise
+from ipadapter_jax.generation.image_features import image_features, image_processor_for, pixel_values
+from ipadapter_jax.generation.prompts import encode as encode_text
+from ipadapter_jax.generation.prompts import tokenize_all
+from ipadapter_jax.images import grid, load_image, save_png, to_pil
 from ipadapter_jax.models.image_proj import project_tokens
-from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.pipelines.denoise import Conditioning, denoise, interleave
-from ipadapter_jax.pipelines.images import grid, load_image, save_png, to_pil
-from ipadapter_jax.pipelines.prompts import encode as encode_text
-from ipadapter_jax.pipelines.prompts import tokenize_all
 from ipadapter_jax.schedulers import load_scheduler
 from ipadapter_jax.training import loss as loss_lib
 
@@ -30,8 +31,6 @@ class SampleGrid:
     """``grid(params, frozen) -> PIL image``; ``encoders`` has ``.vae``, ``.text_encoders``, ``.image_encoder``."""
 
     def __init__(self, config, assembled, encoders, mesh):
-        from ipadapter_jax.data.transforms import load_tokenizer
-
         m = config.monitor
         if not m.sample_images:
             raise ConfigError("monitor.sample_every_steps is set but monitor.sample_images is empty; list image "
@@ -47,7 +46,7 @@ class SampleGrid:
             enc = nnx.merge(enc_graphdef, enc_state)
             ctx, pooled = encode_text(tuple(enc.text_encoders), ids)
             uncond = loss_lib.unconditional(enc, spec, empty_ids, assembled.image_size)
-            return ctx, pooled, loss_lib.image_features(enc.image_encoder, clip, spec), uncond
+            return ctx, pooled, image_features(enc.image_encoder, clip, spec), uncond
 
         processor = image_processor_for(config.model.image_encoder, assembled.image_size)
         ids = tuple(jnp.asarray(x) for x in tokenize_all(tokenizers, prompts))
@@ -65,8 +64,7 @@ class SampleGrid:
         res = m.sample_resolution or config.data.resolution
         self.latent = res // info.vae_scale_factor
         self.channels = info.latent_channels
-        self.time_ids = jnp.tile(jnp.asarray([[res, res, 0, 0, res, res]], jnp.float32), (n_p * n_i, 1)) \
-            if info.is_xl else None
+        self.time_ids = jnp.asarray(sdxl_time_ids(n_p * n_i, res, res)) if info.is_xl else None
         scheduler = load_scheduler(info.folder / "scheduler", name="ddim")
         plan = scheduler.plan(m.sample_num_steps)
         vae_graphdef, self.vae_state = nnx.split(encoders.vae)
@@ -78,17 +76,18 @@ class SampleGrid:
             dtype = model.unet.conv_in.kernel.dtype
             n = cond["ctx"].shape[0]
             u = cond["uncond"]
-            pos = project_tokens(model.image_proj, spec, cond["image"])
-            neg = project_tokens(model.image_proj, spec, jnp.broadcast_to(u.image.astype(cond["image"].dtype),
-                                                                          cond["image"].shape))
-            ip = IPConditioning(tokens=(interleave(neg, pos)[:, None].astype(dtype),),
-                                scales=(jnp.ones((model.unet.num_ip_layers,), jnp.float32),), masks=(None,))
-            neg_ctx = jnp.broadcast_to(u.text[None], cond["ctx"].shape)
-            pooled = None
-            if cond["pooled"] is not None:
-                pooled = interleave(jnp.broadcast_to(u.pooled[None], cond["pooled"].shape), cond["pooled"])
-            c = Conditioning(context=interleave(neg_ctx, cond["ctx"]), pooled=pooled,
-                             time_ids=None if time_ids is None else jnp.repeat(time_ids, 2, axis=0), ip=ip)
+            layers = model.unet.num_ip_layers
+
+            def tokens(features):
+                return project_tokens(model.image_proj, spec, features)[:, None].astype(dtype)
+
+            pooled = cond["pooled"]
+            positive = Conditioning(cond["ctx"], pooled, time_ids, unit_ip(tokens(cond["image"]), layers))
+            negative = Conditioning(
+                jnp.broadcast_to(u.text[None], cond["ctx"].shape),
+                None if pooled is None else jnp.broadcast_to(u.pooled[None], pooled.shape), time_ids,
+                unit_ip(tokens(jnp.broadcast_to(u.image.astype(cond["image"].dtype), cond["image"].shape)), layers))
+            c = guided(negative, positive)
             k_init, k_steps = jax.random.split(key)
             latents = jax.random.normal(k_init, (n, self.latent, self.latent, self.channels), jnp.float32)
             latents = latents * jnp.float32(plan.init_noise_sigma)

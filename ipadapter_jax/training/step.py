@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ipadapter_jax.models.image_proj import AdapterSpec
+from ipadapter_jax.models.adapter_spec import AdapterSpec
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training.config import OptimizerConfig
 

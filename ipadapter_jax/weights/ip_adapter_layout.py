@@ -22,56 +22,19 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax.errors import CheckpointError, ConfigError
-from ipadapter_jax.models.image_proj import AdapterSpec, ResamplerSpec, build_image_proj
+from ipadapter_jax.models.adapter_spec import AdapterSpec, ResamplerSpec
+from ipadapter_jax.models.image_proj import build_image_proj
 from ipadapter_jax.models.layers import abstract_model
-from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.models.unet_config import BASE_NAMES, STANDARD_BASES, UNetConfig, base_name, standard_base
 from ipadapter_jax.weights.checkpoint_files import flatten, load_torch_file
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 from ipadapter_jax.weights.torch_layout import flat_variables, to_flax_layout, to_torch_layout, torch_key
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # official `<name>_lora`; to_out is the UNet's `to_out.0`
 
-_SDXL_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-STANDARD_BASES: dict[str, UNetConfig] = {
-    "sd15": UNetConfig(),
-    "sd2": UNetConfig(heads=(5, 10, 20, 20), cross_attention_dim=(1024,) * 4, use_linear_projection=True),
-    "sdxl": UNetConfig(block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2),
-                       transformer_layers_per_block=(1, 2, 10), heads=(5, 10, 20), cross_attention_dim=(2048,) * 3,
-                       only_cross_attention=(False,) * 3, use_linear_projection=True,
-                       addition_embed_type="text_time", addition_time_embed_dim=256,
-                       projection_class_embeddings_input_dim=2816, **_SDXL_BLOCKS),
-}
-_BASE_NAMES = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
-_ALIASES = {"sd15": "sd15", "sd1": "sd15", "sd2": "sd2", "sd2x": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
-
-
-def ip_layers(config: UNetConfig) -> list[tuple[str, int]]:
-    """(attn2 path, hidden size) of every cross-attention layer, in official numbering order."""
-    channels = config.block_out_channels
-    out = []
-    for path in config.cross_attention_layers():
-        kind, index = path.split(".")[:2]
-        if kind == "down_blocks":
-            out.append((path, channels[int(index)]))
-        elif kind == "up_blocks":
-            out.append((path, channels[::-1][int(index)]))
-        else:
-            out.append((path, channels[-1]))
-    return out
-
-
 def official_index(layer: int) -> int:
     """`ip_adapter.<k>` of attn2 number `layer`; its attn1 processor is k - 1."""
     return 2 * layer + 1
-
-
-def base_name(cross_attention_dim: int, num_layers: int) -> str | None:
-    """"SD1.5", "SD2.x" or "SDXL" for a standard (cross width, layer count), else None."""
-    for key, config in STANDARD_BASES.items():
-        if config.context_dim == cross_attention_dim and len(config.cross_attention_layers()) == num_layers:
-            return _BASE_NAMES[key]
-    return None
 
 
 def resolve_unet_config(unet_config, *, num_layers: int, cross_attention_dim: int, source: str) -> UNetConfig:
@@ -81,16 +44,16 @@ def resolve_unet_config(unet_config, *, num_layers: int, cross_attention_dim: in
         return unet_config
     if unet_config is None:
         for key, config in STANDARD_BASES.items():
-            if _BASE_NAMES[key] == base_name(cross_attention_dim, num_layers):
+            if BASE_NAMES[key] == base_name(cross_attention_dim, num_layers):
                 return config
         raise ConfigError(
             f"cannot tell which UNet {source} was made for ({num_layers} cross-attention layers of width "
             f"{cross_attention_dim}, not a standard SD1.5/SD2.x/SDXL base); pass --base sd15|sd2|sdxl or the "
             "UNet folder.")
     name = str(unet_config)
-    key = _ALIASES.get(name.lower().replace(".", "").replace("-", "").replace("_", ""))
-    if key:
-        return STANDARD_BASES[key]
+    standard = standard_base(name)
+    if standard is not None:
+        return standard
     path = Path(name)
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():

@@ -12,6 +12,10 @@ from ipadapter_jax.data import pipeline, transforms
 from ipadapter_jax.errors import ConfigError
 
 
+def _iterator(source, config, **options):
+    return pipeline.make_train_iterator(source, config, pipeline.BatchOptions(**options))
+
+
 @pytest.fixture(scope="module")
 def config(tokenizer_dir):
     return transforms.TransformConfig(tokenizer_path=str(tokenizer_dir), resolution=16, clip_image_size=16)
@@ -30,8 +34,8 @@ def _assert_same_batches(a, b):
 
 
 def test_batch_contract(prepared_source, config):
-    it = pipeline.make_train_iterator(prepared_source, config, global_batch_size=4, seed=0, shard_index=0,
-                                      shard_count=1)
+    it = _iterator(prepared_source, config, global_batch_size=4, seed=0, shard_index=0,
+                   shard_count=1)
     batch = next(it)
     assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
         "pixel_values": (np.float32, (4, 16, 16, 3)),
@@ -47,19 +51,19 @@ def test_batch_contract(prepared_source, config):
 
 def test_epochs_are_permutations_reshuffled_each_epoch(prepared_source, config):
     n = len(prepared_source)
-    it = pipeline.make_train_iterator(prepared_source, config, global_batch_size=4, seed=3, shard_index=0,
-                                      shard_count=1, num_epochs=2)
+    it = _iterator(prepared_source, config, global_batch_size=4, seed=3, shard_index=0,
+                   shard_count=1, num_epochs=2)
     order = _indices(it, 2 * n // 4)
     with pytest.raises(StopIteration):
         next(it)
     first, second = order[:n], order[n:]
     assert sorted(first) == sorted(second) == list(range(n))
     assert (first != second).any()
-    same_seed = pipeline.make_train_iterator(prepared_source, config, global_batch_size=4, seed=3,
-                                             shard_index=0, shard_count=1)
+    same_seed = _iterator(prepared_source, config, global_batch_size=4, seed=3,
+                          shard_index=0, shard_count=1)
     np.testing.assert_array_equal(_indices(same_seed, n // 4), first)
-    other_seed = pipeline.make_train_iterator(prepared_source, config, global_batch_size=4, seed=4,
-                                              shard_index=0, shard_count=1)
+    other_seed = _iterator(prepared_source, config, global_batch_size=4, seed=4,
+                           shard_index=0, shard_count=1)
     assert (_indices(other_seed, n // 4) != first).any()
 
 
@@ -69,8 +73,8 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(prepared_source, confi
     usable = n - n % 2
     per_process = []
     for shard_index in range(2):
-        it = pipeline.make_train_iterator(source, config, global_batch_size=4, seed=5,
-                                          shard_index=shard_index, shard_count=2, num_epochs=2)
+        it = _iterator(source, config, global_batch_size=4, seed=5,
+                       shard_index=shard_index, shard_count=2, num_epochs=2)
         seen = _indices(it, usable // 2)  # two epochs, 2 records a batch
         per_process.append((seen[: usable // 2], seen[usable // 2:]))
     for epoch in range(2):
@@ -86,8 +90,8 @@ def test_broken_records_are_skipped_and_counted(prepared_source, config):
     source[2]["image"] = source[2]["image"][:50]
     source[5]["image"] = b"garbage"
     source[11]["text"] = ""
-    it = pipeline.make_train_iterator(source, config, global_batch_size=1, seed=0, shard_index=0,
-                                      shard_count=1, shuffle=False)
+    it = _iterator(source, config, global_batch_size=1, seed=0, shard_index=0,
+                   shard_count=1, shuffle=False)
     seen = _indices(it, 9)
     assert it.num_skipped == 2 and 5 not in seen
     state = json.loads(json.dumps(it.get_state()))
@@ -95,8 +99,8 @@ def test_broken_records_are_skipped_and_counted(prepared_source, config):
     assert sorted([*seen, *rest]) == sorted(set(range(20)) - {2, 5, 11})
     assert it.num_skipped == 3
 
-    resumed = pipeline.make_train_iterator(source, config, global_batch_size=1, seed=0, shard_index=0,
-                                           shard_count=1, shuffle=False)
+    resumed = _iterator(source, config, global_batch_size=1, seed=0, shard_index=0,
+                        shard_count=1, shuffle=False)
     resumed.set_state(state)
     assert resumed.num_skipped == 2
     np.testing.assert_array_equal(_indices(resumed, 8), rest)
@@ -104,14 +108,14 @@ def test_broken_records_are_skipped_and_counted(prepared_source, config):
 
 
 def test_restored_iterator_yields_the_same_batches(prepared_source, config):
-    kwargs = dict(global_batch_size=4, seed=11, shard_index=0, shard_count=1)
-    it = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    options = pipeline.BatchOptions(global_batch_size=4, seed=11, shard_index=0, shard_count=1)
+    it = pipeline.make_train_iterator(prepared_source, config, options)
     for _ in range(5):  # an epoch is 6 batches of 4
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(4)]  # crosses into the second epoch
 
-    resumed = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    resumed = pipeline.make_train_iterator(prepared_source, config, options)
     resumed.set_state(state)
     _assert_same_batches([next(resumed) for _ in range(4)], expected)
 
@@ -119,8 +123,8 @@ def test_restored_iterator_yields_the_same_batches(prepared_source, config):
 def test_orbax_checkpoint_of_the_iterator(prepared_source, config, tmp_path):
     import orbax.checkpoint as ocp
 
-    kwargs = dict(global_batch_size=2, seed=2, shard_index=0, shard_count=1)
-    it = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    options = pipeline.BatchOptions(global_batch_size=2, seed=2, shard_index=0, shard_count=1)
+    it = pipeline.make_train_iterator(prepared_source, config, options)
     for _ in range(3):
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
@@ -131,7 +135,7 @@ def test_orbax_checkpoint_of_the_iterator(prepared_source, config, tmp_path):
         manager.wait_until_finished()
     expected = [next(it) for _ in range(3)]
 
-    resumed = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    resumed = pipeline.make_train_iterator(prepared_source, config, options)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             params=ocp.args.StandardRestore({"w": np.zeros(4)}),
@@ -165,20 +169,20 @@ def test_to_global_batch_places_rows_on_the_data_axis():
 
 def test_argument_checks(prepared_source, config):
     with pytest.raises(ConfigError, match="multiple"):
-        pipeline.make_train_iterator(prepared_source, config, global_batch_size=3, seed=0, shard_index=0,
-                                     shard_count=2)
+        _iterator(prepared_source, config, global_batch_size=3, seed=0, shard_index=0,
+                  shard_count=2)
     with pytest.raises(ConfigError, match="shard_index"):
-        pipeline.make_train_iterator(prepared_source, config, global_batch_size=4, seed=0, shard_index=2,
-                                     shard_count=2)
+        _iterator(prepared_source, config, global_batch_size=4, seed=0, shard_index=2,
+                  shard_count=2)
 
 
 def test_worker_processes(prepared_source, tokenizer_dir):
     # Workers are spawned processes; pytest's entry point already has the __main__ guard they need.
     # No CLIP input here: importing the image processor drags torch into each worker, slow on 2 cores.
     config = transforms.TransformConfig(tokenizer_path=str(tokenizer_dir), resolution=16, clip_input=False)
-    kwargs = dict(global_batch_size=4, seed=0, shard_index=0, shard_count=1, num_epochs=1, worker_count=2,
-                  read_threads=2)
-    it = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    options = pipeline.BatchOptions(global_batch_size=4, seed=0, shard_index=0, shard_count=1, num_epochs=1,
+                                    worker_count=2, read_threads=2)
+    it = pipeline.make_train_iterator(prepared_source, config, options)
     try:
         batches = [next(it), next(it)]
         state = json.loads(json.dumps(it.get_state()))
@@ -190,7 +194,7 @@ def test_worker_processes(prepared_source, tokenizer_dir):
     assert sorted(seen) == list(range(len(prepared_source)))
     assert batches[0]["pixel_values"].shape == (4, 16, 16, 3)
 
-    resumed = pipeline.make_train_iterator(prepared_source, config, **kwargs)
+    resumed = pipeline.make_train_iterator(prepared_source, config, options)
     try:
         resumed.set_state(state)
         _assert_same_batches(list(resumed), batches[2:])

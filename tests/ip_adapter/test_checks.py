@@ -12,18 +12,11 @@ from PIL import Image
 from reference_models import SD1_UNET, official_ip_adapter, rel_err, save_official_ip_adapter
 
 from ipadapter_jax.errors import ConfigError, UserError
-from ipadapter_jax.ip_adapter import (
-    AdapterSpec,
-    attach,
-    check_image_encoder,
-    check_unet,
-    image_processor_for,
-    load_ip_adapter,
-    make_spec,
-    pixel_values,
-)
-from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.weights.ip_adapter_layout import STANDARD_BASES
+from ipadapter_jax.generation.image_features import image_processor_for, pixel_values
+from ipadapter_jax.ip_adapter import attach, check_image_encoder, check_unet
+from ipadapter_jax.models.adapter_spec import AdapterSpec, make_spec
+from ipadapter_jax.models.unet_config import STANDARD_BASES, UNetConfig
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 
 VIT_H = SimpleNamespace(projection_dim=1024, hidden_size=1280)
 VIT_BIGG = SimpleNamespace(projection_dim=1280, hidden_size=1664)
@@ -88,7 +81,8 @@ def test_spec_json_round_trip_and_validation():
 def test_attach_needs_one_slot_per_adapter(tmp_path, torch):
     from reference_models import save_unet
 
-    from ipadapter_jax.models.unet import cross_attentions, load_unet
+    from ipadapter_jax.models.unet import cross_attentions
+    from ipadapter_jax.weights.diffusers_models import load_unet
 
     ref = save_unet(tmp_path / "unet", SD1_UNET)
     state = official_ip_adapter(ref, "base")

@@ -10,7 +10,8 @@ import pytest
 from reference_models import SD1_UNET, SDXL_UNET, official_ip_adapter, save_official_ip_adapter
 
 from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
-from ipadapter_jax.ip_adapter import (
+from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.weights.ip_adapter_files import (
     SPEC_FILE,
     WEIGHTS_FILE,
     convert_to_flax,
@@ -19,7 +20,6 @@ from ipadapter_jax.ip_adapter import (
     load_ip_adapter,
     save_ip_adapter,
 )
-from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile
 
 RESAMPLER = dict(dim=48, depth=2, heads=1, embedding_dim=40)

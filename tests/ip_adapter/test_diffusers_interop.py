@@ -19,20 +19,12 @@ from reference_models import (
     save_vae,
 )
 
-from ipadapter_jax.ip_adapter import (
-    attach,
-    convert_to_flax,
-    convert_to_torch,
-    image_features,
-    image_processor_for,
-    load_ip_adapter,
-    pixel_values,
-    uncond_image_features,
-)
-from ipadapter_jax.models.clip_vision import load_image_encoder
+from ipadapter_jax.generation.image_features import image_features, image_processor_for, pixel_values
+from ipadapter_jax.ip_adapter import attach
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.unet import load_unet
 from ipadapter_jax.tiny_models import write_tiny_tokenizer
+from ipadapter_jax.weights.diffusers_models import load_image_encoder, load_unet
+from ipadapter_jax.weights.ip_adapter_files import convert_to_flax, convert_to_torch, load_ip_adapter
 
 VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
@@ -94,7 +86,7 @@ def test_exported_adapter_runs_identically_in_diffusers(sd_folder, tmp_path, tor
     pixels = jnp.asarray(pixel_values(image_processor_for(sd_folder / "adapters" / "image_encoder",
                                                           encoder.image_size), [image]))
     ours_cond = image_features(encoder, pixels, adapter.spec)
-    ours_uncond = uncond_image_features(encoder, pixels, adapter.spec)
+    ours_uncond = image_features(encoder, pixels, adapter.spec, negative=True)
     assert rel_err(ours_cond, cond.numpy()) < TOL
     if hidden:
         assert rel_err(ours_uncond, uncond.numpy()) < TOL

@@ -8,9 +8,11 @@ import numpy as np
 from flax import nnx
 from reference_models import SD1_UNET, official_ip_adapter, rel_err, save_official_ip_adapter, save_unet
 
-from ipadapter_jax.ip_adapter import attach, load_ip_adapter, merge_faceid_lora
+from ipadapter_jax.ip_adapter import attach, merge_faceid_lora
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.unet import cross_attentions, load_unet
+from ipadapter_jax.models.unet import cross_attentions
+from ipadapter_jax.weights.diffusers_models import load_unet
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 
 LORA_SCALE = 0.8
 

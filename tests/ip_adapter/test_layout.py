@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from ipadapter_jax.errors import ConfigError
-from ipadapter_jax.ip_adapter import spec_from_official
-from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.models.unet_config import STANDARD_BASES, UNetConfig
 from ipadapter_jax.weights import ip_adapter_layout as layout
+from ipadapter_jax.weights.ip_adapter_files import spec_from_official
 
 SD15 = dict(attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
             down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], layers_per_block=2,
@@ -24,7 +24,8 @@ CONFIGS = {"sd15": SD15, "sd2": SD21, "sdxl": SDXL}
 
 
 def _keys_of(config: UNetConfig, block: str) -> list[int]:
-    return [layout.official_index(i) for i, p in enumerate(config.cross_attention_layers()) if p.startswith(block)]
+    return [layout.official_index(i) for i, layer in enumerate(config.cross_attention_layers())
+            if layer.path.startswith(block)]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -36,12 +37,13 @@ def test_numbering_matches_diffusers_processor_order(torch, name):
         ref = UNet2DConditionModel(**CONFIGS[name])
     procs = [n.removesuffix(".processor") for n in ref.attn_processors]
     config = UNetConfig.from_dict(CONFIGS[name])
-    layers = layout.ip_layers(config)
+    layers = [(layer.path, layer.hidden_size) for layer in config.cross_attention_layers()]
     assert [procs[layout.official_index(i)] for i in range(len(layers))] == [p for p, _ in layers]
     assert [procs[layout.official_index(i) - 1] for i in range(len(layers))] == [
         p.removesuffix("attn2") + "attn1" for p, _ in layers]
     assert [ref.get_submodule(p).to_q.out_features for p, _ in layers] == [h for _, h in layers]
-    assert layout.ip_layers(layout.STANDARD_BASES[name]) == layers  # the built-in standard bases agree
+    # the built-in standard bases agree
+    assert STANDARD_BASES[name].cross_attention_layers() == config.cross_attention_layers()
 
 
 def test_sd15_and_sdxl_key_ranges():
@@ -63,7 +65,7 @@ def _shapes_file(proj: dict, config: UNetConfig, *, lora_rank: int = 0, name: st
     zero = np.zeros((), np.float16)
     ip = {}
     cross = config.context_dim
-    for i, (_, hidden) in enumerate(layout.ip_layers(config)):
+    for i, hidden in enumerate(layer.hidden_size for layer in config.cross_attention_layers()):
         k = layout.official_index(i)
         ip[f"{k}.to_k_ip.weight"] = ip[f"{k}.to_v_ip.weight"] = (hidden, cross)
         for idx, kv_in in ((k - 1, hidden), (k, cross)):
@@ -125,12 +127,12 @@ RELEASED = {  # file -> (image_proj shapes, base, lora rank, expected fields)
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_layouts_are_detected_and_their_base_inferred(name):
     proj, base, rank, expected = RELEASED[name]
-    config = layout.STANDARD_BASES[base]
+    config = STANDARD_BASES[base]
     f = _shapes_file(proj, config, lora_rank=rank, name=f"{name}.bin")
     spec = spec_from_official(f)  # no UNet given: inferred from 16 x 768 / 16 x 1024 / 70 x 2048
     for field, value in expected.items():
         assert getattr(spec, field) == value, field
-    assert spec.layer_paths == tuple(config.cross_attention_layers())
+    assert spec.layer_paths == tuple(layer.path for layer in config.cross_attention_layers())
     assert spec.cross_attention_dim == config.context_dim
     if spec.resampler is not None:
         heads = {"ip-adapter-plus_sdxl_vit-h": 20}.get(name, 12)
@@ -142,7 +144,7 @@ def test_released_layouts_are_detected_and_their_base_inferred(name):
 
 
 def test_key_table_pairs_official_keys_with_unet_paths():
-    spec = spec_from_official(_shapes_file(RELEASED["ip-adapter_sdxl"][0], layout.STANDARD_BASES["sdxl"]))
+    spec = spec_from_official(_shapes_file(RELEASED["ip-adapter_sdxl"][0], STANDARD_BASES["sdxl"]))
     table = {e.official: e for e in layout.key_table(spec)}
     e = table["ip_adapter.69.to_k_ip.weight"]
     assert e.flax == "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k_ip.kernel"

@@ -8,8 +8,8 @@ import pytest
 from reference_models import SD1_UNET, official_ip_adapter, rel_err, save_official_ip_adapter
 
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 
 RESAMPLER = dict(dim=48, depth=4, heads=2, embedding_dim=40)  # inner 128 != dim: catches a dim/inner mix-up
 CASES = {

@@ -13,8 +13,8 @@ from flax import nnx
 from reference_models import randomize_, rel_err, save_clip_text, save_clip_vision
 
 from ipadapter_jax.errors import CheckpointError, ConfigError
-from ipadapter_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_text_encoder
-from ipadapter_jax.models.clip_vision import load_image_encoder
+from ipadapter_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from ipadapter_jax.weights.diffusers_models import load_image_encoder, load_text_encoder
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 TOL = 1e-5

@@ -10,7 +10,8 @@ from flax import nnx
 from reference_models import SD1_UNET, SD2_UNET, SDXL_UNET, rel_err, save_unet
 
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.unet import cross_attentions, load_unet
+from ipadapter_jax.models.unet import cross_attentions
+from ipadapter_jax.weights.diffusers_models import load_unet
 
 CONFIGS = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
 
@@ -118,6 +119,6 @@ def test_ip_layer_numbering_follows_official_order(tmp_path, torch):
     save_unet(tmp_path, SDXL_UNET)
     unet = load_unet(tmp_path, num_ip_adapters=1)
     paths = [_path_of(unet, m) for m in cross_attentions(unet)]
-    assert paths == unet.config.cross_attention_layers()
+    assert paths == [layer.path for layer in unet.config.cross_attention_layers()]
     assert paths[0].startswith("down_blocks.1") and paths[-1].startswith("mid_block")
     assert [m.ip_layer for m in cross_attentions(unet)] == list(range(unet.num_ip_layers))

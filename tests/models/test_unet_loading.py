@@ -13,8 +13,9 @@ from reference_models import SD1_UNET, SD2_UNET, rel_err, save_unet
 
 from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
 from ipadapter_jax.models.layers import IPAdapterParam
-from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
+from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.weights.diffusers_models import load_unet
 from ipadapter_jax.weights.hub import resolve
 from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
 

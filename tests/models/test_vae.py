@@ -14,7 +14,8 @@ from flax import nnx
 from reference_models import rel_err, save_vae
 
 from ipadapter_jax.errors import ConfigError
-from ipadapter_jax.models.vae import load_vae, scale_latents, unscale_latents
+from ipadapter_jax.models.vae import scale_latents, unscale_latents
+from ipadapter_jax.weights.diffusers_models import load_vae
 from ipadapter_jax.weights.torch_layout import export_state
 
 VAE_2BLOCK = dict(  # SD1.x-like: quant convs, mid attention, no shift

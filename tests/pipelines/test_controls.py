@@ -163,7 +163,7 @@ def test_scale_forms():
     per_layer = np.linspace(0, 1, n)
     np.testing.assert_allclose(layer_scales(list(per_layer), xl), per_layer, rtol=1e-6)
     expanded = layer_scales({"up": {"block_0": [0.0, 1.0]}}, xl)
-    paths = xl.cross_attention_layers()
+    paths = [layer.path for layer in xl.cross_attention_layers()]
     expected = [1.0 if p.startswith("up_blocks.0.attentions.1.") else 0.0 for p in paths]
     np.testing.assert_array_equal(expanded, np.asarray(expected, np.float32))
     with pytest.raises(UserError, match="block_3"):

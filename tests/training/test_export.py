@@ -6,9 +6,9 @@ import numpy as np
 from training.helpers import exported_tensors, make_config
 
 from ipadapter_jax.checkpoint import Checkpointer
-from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.training.loop import export_checkpoint, train
 from ipadapter_jax.training.model import _adapter_name
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile
 
 

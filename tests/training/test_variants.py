@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from training.helpers import make_config
 
-from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.sharding import MeshConfig, make_mesh
 from ipadapter_jax.tiny_models import write_tiny_pipeline
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training.config import ModelConfig
 from ipadapter_jax.training.loop import train
 from ipadapter_jax.training.model import build_model
+from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 
 
 def test_sdxl_plus_with_every_option(tiny_inputs, tmp_path):

@@ -1,8 +1,8 @@
 """The denoising loop as one pure function (a `lax.fori_loop`), to be called under `jax.jit`.
 
-Batches with classifier-free guidance are interleaved per item, [neg_0, pos_0, neg_1, pos_1, ...], so a batch
-sharded over devices keeps each item's two branches on the same device. Latents and sampler math stay float32;
-the UNet computes in its own dtype. Guidance, IP scales, masks and the IP window are traced values.
+Batches with classifier-free guidance come interleaved per item (generation/conditioning.py). Latents and
+sampler math stay float32; the UNet computes in its own dtype. Guidance, IP scales, masks and the IP window are
+traced values.
 """
 
 from __future__ import annotations
@@ -12,18 +12,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.generation.conditioning import Conditioning
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.schedulers import Plan, Scheduler
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Conditioning:
-    context: jax.Array  # (B or 2B, L, C) text states
-    pooled: jax.Array | None = None  # SDXL pooled text embeds
-    time_ids: jax.Array | None = None  # SDXL (orig_h, orig_w, top, left, target_h, target_w)
-    ip: IPConditioning | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -33,11 +25,6 @@ class Inpainting:
     masked_latents: jax.Array | None = None  # 9-channel UNets: scaled latents of the masked image
     image_latents: jax.Array | None = None  # 4-channel UNets: scaled latents of the init image, for blending
     noise: jax.Array | None = None  # the noise the init latents were noised with (blending)
-
-
-def interleave(negative: jax.Array, positive: jax.Array) -> jax.Array:
-    """(B, ...) x2 -> (2B, ...) as [neg_0, pos_0, neg_1, pos_1, ...]."""
-    return jnp.stack([negative, positive], axis=1).reshape(-1, *positive.shape[1:])
 
 
 def _repeat2(x: jax.Array) -> jax.Array:

@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.models.image_proj import IMAGE_EMBEDS, AdapterSpec, project_tokens
+from ipadapter_jax.generation import image_features as features
+from ipadapter_jax.generation import prompts
+from ipadapter_jax.generation.conditioning import Conditioning
+from ipadapter_jax.generation.denoise import Inpainting, denoise
+from ipadapter_jax.models.adapter_spec import AdapterSpec
+from ipadapter_jax.models.image_proj import project_tokens
 from ipadapter_jax.models.vae import scale_latents
-from ipadapter_jax.pipelines import prompts
-from ipadapter_jax.pipelines.denoise import Conditioning, Inpainting, denoise
 from ipadapter_jax.schedulers import Plan, Scheduler
 
 
@@ -33,8 +36,6 @@ class Bound:
             state = jax.device_put(state, sharding)
         return cls(graphdef, state)
 
-    def module(self):
-        return nnx.merge(self.graphdef, self.state)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -44,12 +45,9 @@ def encode_text(graphdefs, states, ids):
 
 
 @partial(jax.jit, static_argnums=(0, 2, 4))
-def image_features(graphdef, state, kind: str, pixel_values_NCHW, zero_image: bool = False):
-    """`kind`: image_embeds or hidden_states[-2]; `zero_image` runs the encoder on an all-zero pixel tensor."""
-    encoder = nnx.merge(graphdef, state)
-    pixels = jnp.zeros_like(pixel_values_NCHW) if zero_image else pixel_values_NCHW
-    out = encoder(pixels)
-    return out.image_embeds if kind == IMAGE_EMBEDS else out.hidden_states[-2]
+def image_features(graphdef, state, spec: AdapterSpec, pixel_values_NCHW, negative: bool = False):
+    """What `spec`'s projection reads (or its official negative branch); see generation/image_features.py."""
+    return features.image_features(nnx.merge(graphdef, state), pixel_values_NCHW, spec, negative=negative)
 
 
 @partial(jax.jit, static_argnums=(0, 2, 5))
