@@ -240,6 +240,47 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, i
                                  scheduler=SCHEDULER_XL if xl else SCHEDULER, seed=seed)
 
 
+# UNet config fields a ControlNet copies from its base (as diffusers' `ControlNetModel.from_unet`).
+_CONTROLNET_FROM_UNET = (
+    "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
+    "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def write_tiny_controlnet(folder: str | Path, base_folder: str | Path, *, seed: int = 4, **overrides) -> Path:
+    """A diffusers `ControlNetModel` folder with random weights (zero convs included) for the pipeline at
+    `base_folder`: its UNet's encoder half, and a conditioning embedding that downsamples images by the VAE's
+    factor. `overrides` set ControlNet config fields (e.g. `controlnet_conditioning_channel_order="bgr"`)."""
+    from flax import nnx
+
+    from ipadapter_jax.models.controlnet import ControlNetModel
+    from ipadapter_jax.models.controlnet_config import ControlNetConfig
+
+    base = Path(base_folder)
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    steps = len(vae.get("block_out_channels", (0,) * 4)) - 1  # the VAE's 2x downsamplings
+    config = {
+        "_class_name": "ControlNetModel",
+        "_diffusers_version": "0.30.0",
+        **{k: unet[k] for k in _CONTROLNET_FROM_UNET if k in unet},
+        "in_channels": unet.get("out_channels", 4),
+        "conditioning_channels": 3,
+        "conditioning_embedding_out_channels": [8 * 2**i for i in range(steps + 1)],
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+        **overrides,
+    }
+    parsed = ControlNetConfig.from_dict(config)
+    folder = Path(folder)
+    write_random_model(folder, config, lambda: ControlNetModel(parsed, rngs=nnx.Rngs(0)), "diffusion_pytorch_model",
+                       seed)
+    return folder
+
+
 def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) -> Path:
     """A transformers `CLIPVisionModelWithProjection` folder with random weights plus its
     preprocessor_config.json (CLIP's standard preprocessing at the config's image size)."""
