@@ -281,6 +281,83 @@ def write_tiny_controlnet(folder: str | Path, base_folder: str | Path, *, seed: 
     return folder
 
 
+def _lora_key(style: str, target: str, path: str, part: str, kohya_name: str) -> str:
+    if style == "kohya":
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[target]
+        return f"{prefix}{kohya_name}." + {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"}[part]
+    if style == "peft":
+        return f"{target}.{path}.lora_{'A' if part == 'down' else 'B'}.weight"
+    # diffusers-old: attention processors' to_q_lora..., `.lora_linear_layer` (CLIP) or `.lora` elsewhere
+    parent, _, name = path.rpartition(".")
+    processor = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out", "q_proj": "to_q",
+                 "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+    if path.endswith("to_out.0"):
+        parent, name = path.removesuffix(".to_out.0"), "to_out.0"
+    if name in processor:
+        attn = f"{parent}.processor" if target == "unet" else parent
+        return f"{target}.{attn}.{processor[name]}_lora.{part}.weight"
+    return f"{target}.{path}.{'lora' if target == 'unet' else 'lora_linear_layer'}.{part}.weight"
+
+
+def write_tiny_lora(path: str | Path, pipeline_folder: str | Path, *, style: str = "peft", rank: int = 4,
+                    seed: int = 5, alpha: float | None = None, sgm: bool | None = None) -> Path:
+    """A LoRA `.safetensors` for the tiny pipeline at `pipeline_folder`: random factors on every Linear and Conv2d
+    of the UNet (LoCon convolutions included) and on the text encoders' attention and MLP layers.
+
+    style: "peft" (diffusers' `unet.<path>.lora_A.weight`; `alpha` goes into `lora_adapter_metadata`),
+    "diffusers-old" (`to_q_lora`, `.lora.down`, `.lora_linear_layer` spellings) or "kohya" (`lora_unet_...` with
+    per-layer `.alpha`, `alpha` or varying; `sgm` names the UNet's layers as the original SGM UNet, kohya's SDXL
+    spelling, and defaults to True for SDXL)."""
+    from flax import nnx
+
+    from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from ipadapter_jax.models.layers import abstract_model
+    from ipadapter_jax.models.unet import UNet2DConditionModel
+    from ipadapter_jax.models.unet_config import UNetConfig
+    from ipadapter_jax.weights.lora_keys import module_index, sgm_name, sgm_names
+    from ipadapter_jax.weights.safetensors_io import save_safetensors
+
+    if style not in ("peft", "diffusers-old", "kohya"):
+        raise ValueError(f"style must be peft, diffusers-old or kohya, not {style!r}")
+    folder = Path(pipeline_folder)
+    read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
+    models = {"unet": abstract_model(lambda: UNet2DConditionModel(UNetConfig.from_dict(read("unet")),
+                                                                  rngs=nnx.Rngs(0)))}
+    for target, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        if (folder / target).is_dir():
+            config = CLIPTextConfig.from_dict(read(target))
+            models[target] = abstract_model(lambda c=config, k=cls: k(c, rngs=nnx.Rngs(0)))
+    sgm = ("text_encoder_2" in models) if sgm is None else sgm
+    rng = np.random.default_rng(seed)
+    tensors, targets = {}, {}
+    for target, model in models.items():
+        index = module_index(model, target)
+        table = sgm_names(model) if target == "unet" and sgm else {}
+        for dotted, module in index.modules.items():
+            if target != "unet" and not dotted.endswith(("_proj", "fc1", "fc2")) or dotted == "text_projection":
+                continue
+            name = (sgm_name(dotted, table) if table else dotted).replace(".", "_")
+            assert index.kohya[name] == dotted, f"kohya name {name} is ambiguous"
+            shape = tuple(module.kernel.shape)
+            n_in, n_out, k = (shape[0], shape[1], ()) if len(shape) == 2 else (shape[2], shape[3], shape[:2])
+            down = rng.standard_normal((rank, n_in, *k)) / np.sqrt(n_in * int(np.prod(k or (1,))))
+            up = 0.5 * rng.standard_normal((n_out, rank, *((1, 1) if k else ()))) / np.sqrt(rank)
+            tensors[_lora_key(style, target, dotted, "down", name)] = down.astype(np.float32)
+            tensors[_lora_key(style, target, dotted, "up", name)] = up.astype(np.float32)
+            if style == "kohya":
+                value = alpha if alpha is not None else float(rng.choice([1.0, rank / 2, 2.0 * rank]))
+                tensors[_lora_key(style, target, dotted, "alpha", name)] = np.asarray(value, np.float32)
+            parts = dotted.split(".")  # PEFT target names end module paths: "to_q", "to_out.0", "net.2"
+            targets.setdefault(target, set()).add(".".join(parts[-2:] if parts[-1].isdigit() else parts[-1:]))
+    metadata = {}
+    if style == "peft" and alpha is not None:
+        config = {f"{t}.{field}": value for t, modules in targets.items()
+                  for field, value in (("r", rank), ("lora_alpha", alpha), ("target_modules", sorted(modules)))}
+        metadata["lora_adapter_metadata"] = json.dumps(config, sort_keys=True)
+    save_safetensors(tensors, Path(path), metadata=metadata)
+    return Path(path)
+
+
 def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) -> Path:
     """A transformers `CLIPVisionModelWithProjection` folder with random weights plus its
     preprocessor_config.json (CLIP's standard preprocessing at the config's image size)."""
