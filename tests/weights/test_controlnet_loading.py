@@ -116,3 +116,51 @@ def test_missing_and_misshaped_keys_are_named(tmp_path, tiny):
     (tmp_path / "narrow" / "config.json").write_text(json.dumps({**raw, "conditioning_channels": 1}))
     with pytest.raises(CheckpointError, match=r"controlnet_cond_embedding\.conv_in\.weight"):
         load_controlnet(tmp_path / "narrow")
+
+
+# The config.json of lllyasviel/control_v11p_sd15_canny and of diffusers/controlnet-canny-sdxl-1.0 (fields as on
+# the Hub; SD2.1 ControlNets are the SD2.1 UNet's encoder half with linear projections).
+SD15_CANNY = {
+    "_class_name": "ControlNetModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "class_embed_type": None,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None,
+    "only_cross_attention": False, "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default", "upcast_attention": False, "use_linear_projection": False,
+}
+SD21 = {**SD15_CANNY, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+        "use_linear_projection": True, "upcast_attention": True}
+SDXL_CANNY = {
+    "_class_name": "ControlNetModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "class_embed_type": None, "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None,
+    "num_class_embeds": None, "only_cross_attention": False, "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default", "transformer_layers_per_block": [1, 2, 10], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_SMALL = {**SDXL_CANNY, "transformer_layers_per_block": [0, 0, 1]}
+
+
+@pytest.mark.parametrize("config", [SD15_CANNY, SD21, SDXL_CANNY, SDXL_SMALL], ids=["sd15", "sd21", "sdxl", "small"])
+def test_full_size_controlnet_keys_and_shapes_match_pytorch(torch, config):
+    from diffusers import ControlNetModel as TorchControlNet
+    from flax import nnx
+
+    from ipadapter_jax.models.controlnet import ControlNetModel
+    from ipadapter_jax.models.layers import abstract_model
+    from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
+
+    with torch.device("meta"):
+        reference = {k: tuple(v.shape) for k, v in TorchControlNet.from_config(config).state_dict().items()}
+    abstract = abstract_model(lambda: ControlNetModel(ControlNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    ours = {torch_key(p): to_torch_layout(str(p[-1]), np.empty(v.shape, np.int8)).shape
+            for p, v in flat_variables(abstract).items()}
+    assert ours == reference  # every key of the real checkpoints, with its shape, and nothing else

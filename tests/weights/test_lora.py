@@ -241,3 +241,16 @@ def test_ambiguous_kohya_name_is_refused():
              "lora_te_a_b_c.lora_up.weight": np.ones((2, 1), np.float32)}
     with pytest.raises(UserError, match="names more than one text_encoder layer"):
         read_lora(state, {"text_encoder": model})
+
+
+def test_text_encoder_keys_with_and_without_the_text_model_prefix(pipelines):
+    """transformers 4 wrote `text_encoder.text_model.encoder...`; transformers 5 saves a bare CLIPTextModel."""
+    encoder = load_text_encoder(pipelines["sd15"] / "text_encoder")
+    a, b = np.ones((2, 64), np.float32), np.ones((32, 2), np.float32)
+    for name in ("text_encoder.text_model.encoder.layers.1.mlp.fc2", "text_encoder.encoder.layers.1.mlp.fc2",
+                 "lora_te_text_model_encoder_layers_1_mlp_fc2"):
+        kohya = name.startswith("lora_")
+        state = {f"{name}.lora_down.weight" if kohya else f"{name}.lora_A.weight": a,
+                 f"{name}.lora_up.weight" if kohya else f"{name}.lora_B.weight": b}
+        (layer,) = read_lora(state, {"text_encoder": encoder})
+        assert (layer.target, layer.path) == ("text_encoder", "text_model.encoder.layers.1.mlp.fc2")
