@@ -45,7 +45,8 @@ def _name(source) -> str:
 
 
 def _metadata_alphas(metadata: Mapping[str, str], target: str):
-    """diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component): module -> (alpha, rslora)."""
+    """From diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component): a function
+    (module path, rank) -> scale, "DoRA" for a DoRA adapter, or None when the file has no such metadata."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
@@ -176,16 +177,15 @@ def fuse_loras(unet: nnx.Module, text_encoders: Sequence[nnx.Module] = (),
         raise ValueError("pass at most two text encoders (text_encoder, text_encoder_2)")
     models = {"unet": unet, **{TARGETS[1 + i]: te for i, te in enumerate(text_encoders)}}
     indexes: dict[str, ModuleIndex] = {}
-    deltas: dict[tuple[str, str], np.ndarray] = {}
-    for source, weight in loras:
+    layers: dict[tuple[str, str], list[tuple[float, LoraLayer]]] = {}
+    for source, weight in loras:  # read and check everything before changing anything
         for layer in read_lora(source, models, indexes=indexes):
-            kernel = indexes[layer.target].modules[layer.path].kernel
-            update = np.float32(float(weight) * layer.scale) * _delta(layer, tuple(kernel.shape))
-            key = (layer.target, layer.path)
-            deltas[key] = deltas[key] + update if key in deltas else update
+            layers.setdefault((layer.target, layer.path), []).append((float(weight), layer))
     counts = dict.fromkeys(models, 0)
-    for (target, path), delta in deltas.items():
+    for (target, path), adapters in layers.items():  # one full-size delta in memory at a time
         kernel = indexes[target].modules[path].kernel
+        shape = tuple(kernel.shape)
+        delta = sum(np.float32(weight * layer.scale) * _delta(layer, shape) for weight, layer in adapters)
         old = kernel.get_value()
         sharding = getattr(old, "sharding", None)
         new = _add(old, jax.device_put(delta, sharding) if sharding is not None else delta)
