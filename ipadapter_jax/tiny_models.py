@@ -16,12 +16,15 @@ from ipadapter_jax.ip_adapter import IPAdapter
 from ipadapter_jax.models.adapter_spec import make_spec
 from ipadapter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from ipadapter_jax.models.controlnet import ControlNetModel
+from ipadapter_jax.models.controlnet_config import ControlNetConfig
 from ipadapter_jax.models.image_proj import build_image_proj
 from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from ipadapter_jax.weights.ip_adapter_files import export_ip_adapter
+from ipadapter_jax.weights.lora_keys import module_index, sgm_name, sgm_names
 from ipadapter_jax.weights.safetensors_io import save_safetensors
 from ipadapter_jax.weights.torch_layout import flat_variables, to_torch_layout, torch_key
 
@@ -197,7 +200,6 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
                           scheduler: dict, seed: int = 0) -> Path:
     """A diffusers-format Stable Diffusion folder (model_index.json, unet, vae, text encoder(s), tokenizer(s),
     scheduler) with random weights for the given configs (the tokenizers are the tiny byte-level ones)."""
-
     folder = Path(folder)
     rngs = lambda: nnx.Rngs(0)  # noqa: E731 - only shapes are traced (eval_shape)
     write_random_model(folder / "unet", unet, lambda: UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs()),
@@ -244,10 +246,115 @@ def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, i
                                  scheduler=SCHEDULER_XL if xl else SCHEDULER, seed=seed)
 
 
+# UNet config fields a ControlNet copies from its base (as diffusers' `ControlNetModel.from_unet`).
+_CONTROLNET_FROM_UNET = (
+    "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
+    "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def write_tiny_controlnet(folder: str | Path, base_folder: str | Path, *, seed: int = 4, **overrides) -> Path:
+    """A diffusers `ControlNetModel` folder with random weights (zero convs included) for the pipeline at
+    `base_folder`: its UNet's encoder half, and a conditioning embedding that downsamples images by the VAE's
+    factor. `overrides` set ControlNet config fields (e.g. `controlnet_conditioning_channel_order="bgr"`)."""
+
+    base = Path(base_folder)
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    steps = len(vae.get("block_out_channels", (0,) * 4)) - 1  # the VAE's 2x downsamplings
+    config = {
+        "_class_name": "ControlNetModel",
+        "_diffusers_version": "0.30.0",
+        **{k: unet[k] for k in _CONTROLNET_FROM_UNET if k in unet},
+        "in_channels": unet.get("out_channels", 4),
+        "conditioning_channels": 3,
+        "conditioning_embedding_out_channels": [8 * 2**i for i in range(steps + 1)],
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+        **overrides,
+    }
+    parsed = ControlNetConfig.from_dict(config)
+    folder = Path(folder)
+    write_random_model(folder, config, lambda: ControlNetModel(parsed, rngs=nnx.Rngs(0)), "diffusion_pytorch_model",
+                       seed)
+    return folder
+
+
+def _lora_key(style: str, target: str, path: str, part: str, kohya_name: str) -> str:
+    if style == "kohya":
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[target]
+        return f"{prefix}{kohya_name}." + {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"}[part]
+    if style == "peft":
+        return f"{target}.{path}.lora_{'A' if part == 'down' else 'B'}.weight"
+    # diffusers-old: attention processors' to_q_lora..., `.lora_linear_layer` (CLIP) or `.lora` elsewhere
+    parent, _, name = path.rpartition(".")
+    processor = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out", "q_proj": "to_q",
+                 "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+    if path.endswith("to_out.0"):
+        parent, name = path.removesuffix(".to_out.0"), "to_out.0"
+    if name in processor:
+        attn = f"{parent}.processor" if target == "unet" else parent
+        return f"{target}.{attn}.{processor[name]}_lora.{part}.weight"
+    return f"{target}.{path}.{'lora' if target == 'unet' else 'lora_linear_layer'}.{part}.weight"
+
+
+def write_tiny_lora(path: str | Path, pipeline_folder: str | Path, *, style: str = "peft", rank: int = 4,
+                    seed: int = 5, alpha: float | None = None, sgm: bool | None = None) -> Path:
+    """A LoRA `.safetensors` for the tiny pipeline at `pipeline_folder`: random factors on every Linear and Conv2d
+    of the UNet (LoCon convolutions included) and on the text encoders' attention and MLP layers.
+
+    style: "peft" (diffusers' `unet.<path>.lora_A.weight`; `alpha` goes into `lora_adapter_metadata`),
+    "diffusers-old" (`to_q_lora`, `.lora.down`, `.lora_linear_layer` spellings) or "kohya" (`lora_unet_...` with
+    per-layer `.alpha`, `alpha` or varying; `sgm` names the UNet's layers as the original SGM UNet, kohya's SDXL
+    spelling, and defaults to True for SDXL)."""
+
+    if style not in ("peft", "diffusers-old", "kohya"):
+        raise ValueError(f"style must be peft, diffusers-old or kohya, not {style!r}")
+    folder = Path(pipeline_folder)
+    read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
+    models = {"unet": abstract_model(lambda: UNet2DConditionModel(UNetConfig.from_dict(read("unet")),
+                                                                  rngs=nnx.Rngs(0)))}
+    for target, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        if (folder / target).is_dir():
+            config = CLIPTextConfig.from_dict(read(target))
+            models[target] = abstract_model(lambda c=config, k=cls: k(c, rngs=nnx.Rngs(0)))
+    sgm = ("text_encoder_2" in models) if sgm is None else sgm
+    rng = np.random.default_rng(seed)
+    tensors, targets = {}, {}
+    for target, model in models.items():
+        index = module_index(model, target)
+        table = sgm_names(model) if target == "unet" and sgm else {}
+        for dotted, module in index.modules.items():
+            if target != "unet" and not dotted.endswith(("_proj", "fc1", "fc2")) or dotted == "text_projection":
+                continue
+            name = (sgm_name(dotted, table) if table else dotted).replace(".", "_")
+            assert index.kohya[name] == dotted, f"kohya name {name} is ambiguous"
+            shape = tuple(module.kernel.shape)
+            n_in, n_out, k = (shape[0], shape[1], ()) if len(shape) == 2 else (shape[2], shape[3], shape[:2])
+            down = rng.standard_normal((rank, n_in, *k)) / np.sqrt(n_in * int(np.prod(k or (1,))))
+            up = 0.5 * rng.standard_normal((n_out, rank, *((1, 1) if k else ()))) / np.sqrt(rank)
+            tensors[_lora_key(style, target, dotted, "down", name)] = down.astype(np.float32)
+            tensors[_lora_key(style, target, dotted, "up", name)] = up.astype(np.float32)
+            if style == "kohya":
+                value = alpha if alpha is not None else float(rng.choice([1.0, rank / 2, 2.0 * rank]))
+                tensors[_lora_key(style, target, dotted, "alpha", name)] = np.asarray(value, np.float32)
+            parts = dotted.split(".")  # PEFT target names end module paths: "to_q", "to_out.0", "net.2"
+            targets.setdefault(target, set()).add(".".join(parts[-2:] if parts[-1].isdigit() else parts[-1:]))
+    metadata = {}
+    if style == "peft" and alpha is not None:
+        config = {f"{t}.{field}": value for t, modules in targets.items()
+                  for field, value in (("r", rank), ("lora_alpha", alpha), ("target_modules", sorted(modules)))}
+        metadata["lora_adapter_metadata"] = json.dumps(config, sort_keys=True)
+    save_safetensors(tensors, Path(path), metadata=metadata)
+    return Path(path)
+
+
 def write_random_image_encoder(folder: str | Path, config: dict, seed: int = 1) -> Path:
     """A transformers `CLIPVisionModelWithProjection` folder with random weights plus its
     preprocessor_config.json (CLIP's standard preprocessing at the config's image size)."""
-
     folder = Path(folder)
     parsed = CLIPVisionConfig.from_dict(config)
     write_random_model(folder, config, lambda: CLIPVisionModelWithProjection(parsed, rngs=nnx.Rngs(0)), "model", seed)
@@ -272,7 +379,6 @@ def write_tiny_ip_adapter(path: str | Path, pipeline_folder: str | Path, image_e
     """An IP-Adapter in the official layout (`.safetensors` or `.bin` by extension) for a tiny pipeline and
     image encoder written above: random projection and `to_k_ip`/`to_v_ip` (and, for FaceID, a rank-4 LoRA on
     every attention layer)."""
-
     unet_config = UNetConfig.from_json(Path(pipeline_folder) / "unet" / "config.json")
     encoder = json.loads((Path(image_encoder_folder) / "config.json").read_text())
     width = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]

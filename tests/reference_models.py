@@ -165,3 +165,20 @@ def save_official_ip_adapter(state: dict, path: Path) -> Path:
     else:
         torch.save(state, path)
     return path
+
+
+def controlnet_config(unet_config: dict, **overrides) -> dict:
+    """A diffusers `ControlNetModel` config with the encoder half of `unet_config` and a tiny conditioning
+    embedding (one stride-2 step: the conditioning image is twice the latent size)."""
+    dropped = ("up_block_types", "out_channels", "sample_size")
+    return {**{k: v for k, v in unet_config.items() if k not in dropped},
+            "conditioning_embedding_out_channels": (8, 16), **overrides}
+
+
+def save_controlnet(folder: Path, config: dict, seed: int = 0, **save_kwargs):
+    """A random diffusers ControlNet (zero convs randomised too, so every mapping shows) saved to disk."""
+    from diffusers import ControlNetModel
+
+    model = randomize_(ControlNetModel(**config), seed).eval()
+    model.save_pretrained(folder, **save_kwargs)
+    return model

@@ -17,6 +17,24 @@ from ipadapter_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from ipadapter_jax.models.unet_config import UNetConfig
 
 
+def time_conditioning(c: UNetConfig, time_embedding: TimestepEmbedding, add_embedding: TimestepEmbedding | None,
+                      timesteps: jax.Array, batch: int, dtype, text_embeds: jax.Array | None,
+                      time_ids: jax.Array | None) -> jax.Array:
+    """The (B, time_embed_dim) embedding every ResNet gets: the timestep's, plus (SDXL) the pooled text and size
+    conditions through `add_embedding`. Shared by the UNet and the ControlNet."""
+    t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    temb = time_embedding(timestep_features(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                                  freq_shift=c.freq_shift).astype(dtype))
+    if c.addition_embed_type == "text_time":
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this SDXL-style model needs text_embeds (pooled) and time_ids")
+        time_feats = timestep_features(time_ids.reshape(-1), c.addition_time_embed_dim,
+                                       flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        added = jnp.concatenate([text_embeds.astype(jnp.float32), time_feats.reshape(batch, -1)], axis=-1)
+        temb = temb + add_embedding(added.astype(dtype))
+    return temb
+
+
 class UNet2DConditionModel(nnx.Module):
     def __init__(self, config: UNetConfig, *, num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
                  dtype=jnp.float32, rngs: nnx.Rngs):
@@ -42,8 +60,8 @@ class UNet2DConditionModel(nnx.Module):
             down.append(DownBlock(
                 ch[i - 1] if i else ch[0], ch[i], num_layers=c.layers_per_block[i],
                 attention=attention(i) if kind.startswith("CrossAttn") else None, heads=c.heads[i],
-                ip_layers=c.ip_layer_index(f"down_blocks.{i}"), add_downsample=i < len(ch) - 1, resnet=resnet,
-                downsample_padding=c.downsample_padding, dtype=dtype, rngs=rngs))
+                ip_layers=c.ip_layer_index(f"down_blocks.{i}", c.layers_per_block[i]), add_downsample=i < len(ch) - 1,
+                resnet=resnet, downsample_padding=c.downsample_padding, dtype=dtype, rngs=rngs))
         self.down_blocks = nnx.List(down)
 
         rev_ch, rev_heads, rev_layers = ch[::-1], c.heads[::-1], c.layers_per_block[::-1]
@@ -53,11 +71,11 @@ class UNet2DConditionModel(nnx.Module):
                 rev_ch[i - 1] if i else rev_ch[0], rev_ch[i], rev_ch[min(i + 1, len(ch) - 1)],
                 num_layers=rev_layers[i] + 1,
                 attention=attention(len(ch) - 1 - i) if kind.startswith("CrossAttn") else None,
-                heads=rev_heads[i], ip_layers=c.ip_layer_index(f"up_blocks.{i}"), add_upsample=i < len(ch) - 1,
-                resnet=resnet, dtype=dtype, rngs=rngs))
+                heads=rev_heads[i], ip_layers=c.ip_layer_index(f"up_blocks.{i}", rev_layers[i] + 1),
+                add_upsample=i < len(ch) - 1, resnet=resnet, dtype=dtype, rngs=rngs))
         self.up_blocks = nnx.List(up)
 
-        self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], ip_layers=c.ip_layer_index("mid_block"),
+        self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], ip_layers=c.ip_layer_index("mid_block", 1),
                                   attention=attention(len(ch) - 1),
                                   resnet=dict(resnet, output_scale_factor=c.mid_block_scale_factor),
                                   dtype=dtype, rngs=rngs)
@@ -68,21 +86,16 @@ class UNet2DConditionModel(nnx.Module):
 
     def __call__(self, sample_BHWC: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array, *,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
-                 ip: IPConditioning | None = None) -> jax.Array:
-        """Predict noise (or v) for channels-last latents; `text_embeds`/`time_ids` are SDXL's added conditions."""
-        c = self.config
+                 ip: IPConditioning | None = None,
+                 down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
+                 mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
+        """Predict noise (or v) for channels-last latents; `text_embeds`/`time_ids` are SDXL's added conditions.
+
+        The additional residuals (a ControlNet's, channels-last) are added, as diffusers adds them, to every skip
+        tensor after the down path and to the mid block's output; both or neither."""
         dtype = self.conv_in.kernel.dtype
-        batch = sample_BHWC.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        temb = self.time_embedding(timestep_features(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                                                     freq_shift=c.freq_shift).astype(dtype))
-        if c.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError("this SDXL-style UNet needs text_embeds (pooled) and time_ids")
-            time_feats = timestep_features(time_ids.reshape(-1), c.addition_time_embed_dim,
-                                           flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-            added = jnp.concatenate([text_embeds.astype(jnp.float32), time_feats.reshape(batch, -1)], axis=-1)
-            temb = temb + self.add_embedding(added.astype(dtype))
+        temb = time_conditioning(self.config, self.time_embedding, getattr(self, "add_embedding", None), timesteps,
+                                 sample_BHWC.shape[0], dtype, text_embeds, time_ids)
         context = encoder_hidden_states.astype(dtype)
         if ip is not None:
             ip = dataclasses.replace(ip, tokens=tuple(t.astype(dtype) for t in ip.tokens))
@@ -92,7 +105,16 @@ class UNet2DConditionModel(nnx.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context, ip)
             skips.extend(block_skips)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("pass both down_block_additional_residuals and mid_block_additional_residual, or neither")
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"the UNet has {len(skips)} skip tensors but "
+                                 f"{len(down_block_additional_residuals)} down residuals were given")
+            skips = [s + r.astype(dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
         x = self.mid_block(x, temb, context, ip)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(dtype)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

@@ -150,14 +150,14 @@ class UNetConfig:
     def num_ip_layers(self) -> int:
         return len(self.cross_attention_layers())
 
-    def ip_layer_index(self, prefix: str) -> tuple[tuple[int, ...], ...]:
-        """For the block at `prefix` (e.g. "down_blocks.1"): the official index of each attention's transformer
-        layers, [attention][transformer]; empty for a block without cross-attention."""
+    def ip_layer_index(self, prefix: str, num_attentions: int) -> tuple[tuple[int, ...], ...]:
+        """For the block at `prefix` (e.g. "down_blocks.1") with `num_attentions` attentions: the official index of
+        each attention's transformer layers, [attention][transformer] (an attention may hold none)."""
         rows: dict[int, list[int]] = {}
         for i, layer in enumerate(self.cross_attention_layers()):
             if layer.block_path == prefix:
                 rows.setdefault(layer.attention, []).append(i)
-        return tuple(tuple(rows[j]) for j in sorted(rows))
+        return tuple(tuple(rows.get(j, ())) for j in range(num_attentions))
 
 
 @dataclasses.dataclass(frozen=True)

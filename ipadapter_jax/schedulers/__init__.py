@@ -23,11 +23,13 @@ from ipadapter_jax.schedulers.ddim import DDIM
 from ipadapter_jax.schedulers.ddpm import ddpm_add_noise, snr, training_target, velocity
 from ipadapter_jax.schedulers.dpm import DPMSolverMultistep
 from ipadapter_jax.schedulers.euler import EulerAncestral, EulerDiscrete
+from ipadapter_jax.schedulers.lcm import LCM
 from ipadapter_jax.schedulers.pndm import PNDM
 from ipadapter_jax.schedulers.registry import SCHEDULERS, load_scheduler, make_scheduler
 
 __all__ = [
     "DDIM",
+    "LCM",
     "PNDM",
     "SCHEDULERS",
     "DPMSolverMultistep",

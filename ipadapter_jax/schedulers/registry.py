@@ -12,6 +12,7 @@ from ipadapter_jax.schedulers.common import Scheduler
 from ipadapter_jax.schedulers.ddim import DDIM
 from ipadapter_jax.schedulers.dpm import DPMSolverMultistep
 from ipadapter_jax.schedulers.euler import EulerAncestral, EulerDiscrete
+from ipadapter_jax.schedulers.lcm import LCM
 from ipadapter_jax.schedulers.pndm import PNDM
 
 # name -> (sampler, config fields the name implies over whatever the base config says)
@@ -28,9 +29,10 @@ SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
         DPMSolverMultistep,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "lcm": (LCM, {}),
 }
 _BY_CLASS: dict[str, type[Scheduler]] = {
-    cls.class_name: cls for cls in (DDIM, PNDM, EulerDiscrete, EulerAncestral, DPMSolverMultistep)
+    cls.class_name: cls for cls in (DDIM, PNDM, EulerDiscrete, EulerAncestral, DPMSolverMultistep, LCM)
 }
 
 

@@ -106,7 +106,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     arrays = []
     offset = 0
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))  # keeps 0-d tensors 0-d
         if a.dtype not in _NAMES:
             raise ValueError(f"cannot store dtype {a.dtype} of tensor {name!r} in safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}

@@ -32,6 +32,7 @@ TRAILING_V = {"timestep_spacing": "trailing", "prediction_type": "v_prediction",
 ZERO_SNR = {**TRAILING_V, "rescale_betas_zero_snr": True}
 DDIM, PNDM, EULER = "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler"
 EULER_A, DPM = "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"
+LCM = "LCMScheduler"
 
 # id -> (our name, diffusers class, config overrides on top of SD1.5's, eta)
 CASES = {
@@ -83,6 +84,19 @@ CASES = {
         0.0,
     ),
     "dpmpp-2m-zero-snr": ("dpmpp_2m", DPM, ZERO_SNR, 0.0),
+    "lcm-sd15": ("lcm", LCM, {}, 0.0),
+    "lcm-v-clip-scaling": (
+        "lcm", LCM,
+        {"prediction_type": "v_prediction", "clip_sample": True, "clip_sample_range": 1.5, "timestep_scaling": 5.5,
+         "original_inference_steps": 100, "set_alpha_to_one": True},
+        0.0,
+    ),
+    "lcm-sample-pred-cosine": (
+        "lcm", LCM, {"prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2"}, 0.0,
+    ),
+    # Few-step distilled models (SDXL-Lightning, Hyper-SD) sample with trailing spacing on SDXL's config.
+    "euler-lightning": ("euler", EULER, {**SDXL, "timestep_spacing": "trailing"}, 0.0),
+    "ddim-hyper": ("ddim", DDIM, {**SDXL, "timestep_spacing": "trailing"}, 0.0),
 }  # fmt: skip
 # Closed-form schedules (sigmas, Karras timesteps) take a handful of float32 sqrt/exp/log each, and torch's
 # vectorised versions round differently on different CPUs: a few ulps per value, so a relative error (norm over
@@ -199,6 +213,8 @@ def trajectory_error(case_id, steps, strength, monkeypatch):
 # Ten steps exercise the warm-up and lower-order endings; 25 at strength 0.6 an img2img start mid-schedule.
 RUNS = [(c, 10, 1.0) for c in CASES] + [(c, 25, 0.6) for c in CASES]
 RUNS += [(c, 25, 1.0) for c in ("pndm-sd15", "euler-sdxl", "dpmpp-2m-karras", "euler-a-sdxl")]
+RUNS += [(c, n, 1.0) for c in ("lcm-sd15", "euler-lightning", "ddim-hyper") for n in (1, 2, 4, 8)]
+RUNS += [("lcm-sd15", 4, 0.5), ("lcm-v-clip-scaling", 6, 0.5)]
 
 
 @pytest.mark.parametrize(("case_id", "steps", "strength"), RUNS)

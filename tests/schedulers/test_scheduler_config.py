@@ -70,7 +70,8 @@ def test_bad_run_arguments_raise_config_error(steps, strength, eta, field):
 
 
 def test_names_cover_the_brief_and_imply_their_fields():
-    assert set(SCHEDULERS) == {"ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"}
+    assert set(SCHEDULERS) == {"ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras",
+                               "lcm"}
     karras = make_scheduler("dpmpp_2m_karras", {**SD15, "solver_order": 3})
     assert isinstance(karras, DPMSolverMultistep)
     assert karras.fields["use_karras_sigmas"] and karras.fields["solver_order"] == 2
