@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeds", type=Path, help="precomputed image embeddings (.npz from --save-embeds)")
     gen.add_argument("--save-embeds", type=Path, help="write the image embeddings to this .npz and continue")
     gen.add_argument("--output-type", default="png", choices=["png", "latent"])
-    gen.add_argument("--out", required=True, type=Path, help="output .png (or .npy for latents); several images "
-                                                             "get -0, -1, ... suffixes")
+    gen.add_argument("--out", required=True, type=Path, help="output .png, .jpg or .webp (.npy for latents); several "
+                                                             "images get -0, -1, ... suffixes")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     batch = sub.add_parser("batch", help="generate every item of a JSONL manifest, data-parallel, resumable")
     _add_model_args(batch)
@@ -134,23 +135,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> None:
-    import numpy as np
-
     from ipadapter_jax import images as imaging
+    from ipadapter_jax.outputs import check_outputs, save_npy
     from ipadapter_jax.pipelines.image_prompt import ImagePrompt, load_image_embeds, per_adapter, save_image_embeds
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+    from ipadapter_jax.pipelines.settings import check_generation, load_array
+
+    # Everything that can be checked without the models is checked before they load.
+    check_generation(steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                     strength=args.strength, ip_window=(args.ip_start, args.ip_end), num_images=args.num_images,
+                     seed=args.seed)
+    latent = args.output_type == "latent"
+    paths = _numbered(args.out, args.num_images, latent)
+    references = [p for spec in args.image for p in spec.split(",")]
+    inputs = [*references, *args.negative_image, *args.mask, *args.face_embeds, args.init_image, args.mask_image,
+              args.latents, args.embeds]
+    check_outputs(paths, inputs=inputs, overwrite=args.overwrite)
+    if args.save_embeds:
+        check_outputs([args.save_embeds], inputs=inputs, overwrite=args.overwrite, flag="--save-embeds")
+    faces = [load_array(f, "face embedding") for f in args.face_embeds]
+    latents = load_array(args.latents, "--latents") if args.latents else None
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, scheduler=args.scheduler, variant=args.variant,
                                              attention_impl=args.attention, fsdp=args.fsdp)
     n = len(pipe.adapters)
     if n == 1:
-        images = [[p for spec in args.image for p in spec.split(",")]]
+        images = [references]
     else:
         images = per_adapter([spec.split(",") for spec in args.image], n, "--image", once=False) if args.image \
             else [[] for _ in range(n)]
     scales = per_adapter(args.scale or [1.0], n, "--scale")
-    faces = [np.load(f, allow_pickle=False) for f in args.face_embeds]
     prompts = []
     for a in range(n):
         prompts.append(ImagePrompt(
@@ -163,41 +178,62 @@ def _generate(args) -> None:
         save_image_embeds(args.save_embeds, computed, [a.spec for a in pipe.adapters])
         print(f"saved image embeddings to {args.save_embeds}")
         embeds = computed
-    latents = np.load(args.latents, allow_pickle=False) if args.latents else None
     out = pipe(args.prompt, images=prompts, negative_prompt=args.negative_prompt,
                num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                height=args.height, width=args.width, num_images_per_prompt=args.num_images, seed=args.seed,
                latents=latents, init_image=args.init_image, strength=args.strength, mask_image=args.mask_image,
                ip_window=(args.ip_start, args.ip_end), eta=args.eta, embeds=embeds,
-               output_type="latent" if args.output_type == "latent" else "pil")
-    paths = _numbered(args.out, args.num_images, ".npy" if args.output_type == "latent" else ".png")
-    if args.output_type == "latent":
-        for path, latent in zip(paths, out.latents, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, latent[None])
+               output_type="latent" if latent else "pil")
+    if latent:
+        for path, array in zip(paths, out.latents, strict=True):
+            save_npy(path, array[None])
     else:
         for path, image in zip(paths, out.images, strict=True):
-            imaging.save_png(image, path)
+            imaging.save_image(image, path)
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
     print(f"wrote {', '.join(map(str, paths))} (load {pipe.load_seconds:.1f}s; {timing})")
 
 
-def _numbered(out: Path, count: int, suffix: str) -> list[Path]:
-    out = out if out.suffix else out.with_suffix(suffix)
+def _numbered(out: Path, count: int, latent: bool) -> list[Path]:
+    """--out as written (suffix added when missing), or -0, -1, ... for several images."""
+    from ipadapter_jax.errors import UserError
+    from ipadapter_jax.images import IMAGE_FORMATS
+
+    allowed = (".npy",) if latent else tuple(IMAGE_FORMATS)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / ('image' + allowed[0])}.")
+    out = out if out.suffix else out.with_suffix(allowed[0])
+    if out.suffix.lower() not in allowed:
+        what = "latents (--output-type latent)" if latent else "images"
+        choices = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise UserError(f"--out {out} must end in {choices} for {what}.")
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def _batch(args) -> None:
+def _batch(args) -> int:
+    from ipadapter_jax.errors import UserError
+    from ipadapter_jax.pipelines.batch import run_batch
+    from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+    from ipadapter_jax.pipelines.manifest import check_manifest_path
+    from ipadapter_jax.pipelines.settings import check_generation, number
+
+    # The run's defaults and paths are checked before the models load; each item is checked on its own later.
+    check_generation(steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                     seed=args.seed)
+    if args.batch_size is not None:
+        number("--batch-size", args.batch_size, low=1, integer=True)
+    check_manifest_path(args.manifest)
     if args.distributed:
         import jax
 
-        # Unset values (None) leave jax to detect the cluster (TPU pods, SLURM, ...).
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    from ipadapter_jax.pipelines.batch import run_batch
-    from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+        try:  # unset values (None) leave jax to detect the cluster (TPU pods, SLURM, ...)
+            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--distributed found no cluster to join ({e}); run it on a TPU pod or under SLURM, or "
+                            "give --coordinator, --num-processes and --process-id.") from None
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, variant=args.variant, attention_impl=args.attention,
@@ -207,12 +243,12 @@ def _batch(args) -> None:
                 "eta": args.eta}
     report = run_batch(pipe, args.manifest, args.out, batch_size=args.batch_size, defaults=defaults,
                        contact_sheet=args.contact_sheet)
-    print(f"{len(report.written)} written, {len(report.skipped)} already done, {len(report.failed)} failed "
+    redone = f" ({len(report.redone)} regenerated: their settings changed)" if report.redone else ""
+    print(f"{len(report.written)} written{redone}, {len(report.skipped)} already done, {len(report.failed)} failed "
           f"in {report.seconds:.1f}s on {pipe.mesh.size} device(s)")
     for item, reason in report.failed.items():
         print(f"  failed {item}: {reason}", file=sys.stderr)
-    if report.failed:
-        raise SystemExit(1)
+    return 1 if report.failed else 0
 
 
 def _convert(args) -> None:
@@ -222,7 +258,10 @@ def _convert(args) -> None:
     if args.direction == "from-checkpoint":
         from ipadapter_jax.training import export_checkpoint
 
-        path = export_checkpoint(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
+        def damaged(step: int, reason: str) -> None:
+            print(f"{reason} Exporting an earlier step.", file=sys.stderr)
+
+        path = export_checkpoint(args.workdir, args.out, step=args.step, overwrite=args.overwrite, on_damaged=damaged)
         print(f"wrote {path} (official IP-Adapter layout)")
     elif args.direction == "to-flax":
         spec = convert_to_flax(resolve_path(args.adapter, what="IP-Adapter"), args.out, unet_config=args.base,
@@ -275,14 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     from ipadapter_jax.errors import UserError
 
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"ipadapter-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, a permission: the system's words and the file it hit
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"ipadapter-jax {args.command}: error: {e.strerror or e}{where}; free space, fix the permissions or "
+              "choose another path, then rerun.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ipadapter-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def run_demo(out: str | Path, *, train: bool = True, steps: int = 12) -> dict:
 
     width = max(len(r) for r in rows)
     cells = [im for r in rows for im in r + [imaging.Image.new("RGB", (64, 64), "white")] * (width - len(r))]
-    imaging.save_png(imaging.grid(cells, width), out / "grid.png")
+    imaging.save_image(imaging.grid(cells, width), out / "grid.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _log(f"wrote {out / 'grid.png'} and {out / 'summary.json'}; timings: "
          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))

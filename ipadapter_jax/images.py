@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ipadapter_jax.errors import UserError
 
@@ -78,14 +78,36 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return sheet
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write atomically, so an interrupted run never leaves a truncated PNG behind."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, *, text: dict[str, str] | None = None) -> None:
+    """Write atomically in the format the suffix names (PNG, JPEG, WebP), so an interrupted run never leaves a
+    truncated file behind. `text`: PNG text chunks (e.g. what wrote the file)."""
     path = Path(path)
+    kind = IMAGE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"{path} must end in {', '.join(IMAGE_FORMATS)}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    options: dict = {"quality": 95} if kind in ("JPEG", "WEBP") else {}
+    if text and kind == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=kind, **options)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of a PNG ({} for anything else or an unreadable file)."""
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}) or {})
+    except (OSError, UnidentifiedImageError, ValueError):
+        return {}

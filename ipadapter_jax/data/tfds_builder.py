@@ -166,7 +166,7 @@ def prepare_dataset(
             raise UserError(f"Output {out_dir} is a file; choose a folder path for the dataset.")
         if is_prepared_dataset(out_dir):
             if not overwrite:
-                raise UserError(f"A prepared dataset exists at {out_dir}; pass overwrite=True to replace it.")
+                raise UserError(f"A prepared dataset exists at {out_dir}; pass --overwrite to replace it.")
         elif any(out_dir.iterdir()):
             raise UserError(f"Output folder {out_dir} is not empty and holds no dataset; "
                             "choose an empty or new folder.")

@@ -1,30 +1,25 @@
-"""Batch generation from a JSONL manifest, data-parallel over every device, resumable.
-
-Each manifest line is one item; any key left out takes the run's default:
-
-    {"id": "cat-01", "prompt": "a cat", "images": ["ref.png"], "seed": 1, "scale": 0.6}
-
-Keys: id, prompt, negative_prompt, images (per adapter: a path or a list of paths; a single adapter may take a
-plain path), negative_images, masks, face_embeds (per adapter: a .npy path), combine, scale (a float, or a list
-with one entry per adapter), seed, steps, guidance, guidance_rescale, height, width, scheduler, eta, init_image,
-strength, mask_image, ip_window ([start, end]).
+"""Batch generation from a JSONL manifest (pipelines/manifest.py), data-parallel over every device, resumable.
 
 Items are grouped by everything that fixes compiled shapes (size, steps, sampler, number of reference images,
 ...), each group runs in batches of `batch_size` (padded to a multiple of the device count), and every item
-writes `<id>.png` and a `<id>.json` sidecar of its settings. Finished items (both files present) are skipped,
-so an interrupted run resumes where it stopped. An item's image depends only on its own settings and seed,
-never on the batch it ran in or the number of devices.
+writes `<id>.png` and a `<id>.json` sidecar of its settings. An item's image depends only on its own settings and
+seed, never on the batch it ran in or the number of devices.
+
+Resuming: a finished item is skipped only if the settings that determine its image (the item, the input files'
+contents, the models) are those it was made with; otherwise it is regenerated. Outputs never overwrite inputs or
+files this command did not write (each PNG carries a text chunk with its settings hash); such items fail alone,
+with the reason, and the others go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -33,104 +28,80 @@ from tqdm import tqdm
 
 from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt, per_adapter
+from ipadapter_jax.pipelines.image_prompt import ImagePrompt, layer_scales
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline, Noise
+from ipadapter_jax.pipelines.manifest import input_files, read_manifest
+from ipadapter_jax.pipelines.settings import load_array, number
 
-ITEM_KEYS = ("id", "prompt", "negative_prompt", "images", "negative_images", "masks", "face_embeds", "combine",
-             "scale", "seed", "steps", "guidance", "guidance_rescale", "height", "width", "scheduler", "eta",
-             "init_image", "strength", "mask_image", "ip_window")
-DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": None, "scale": 1.0, "seed": 0, "steps": 30,
-                            "guidance": 7.5, "guidance_rescale": 0.0, "height": None, "width": None,
-                            "scheduler": None, "eta": 0.0, "init_image": None, "strength": None,
-                            "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat"}
+SIDECAR_FORMAT = "ipadapter_jax.batch_item"
+PNG_MARK = "ipadapter_jax.batch"  # PNG text chunk: the settings hash of the item that wrote the image
+SHEET = "contact_sheet"
 
 
 @dataclasses.dataclass
 class BatchReport:
     written: list[str]
-    skipped: list[str]  # already finished before this run
-    failed: dict[str, str]  # id -> reason
+    skipped: list[str]  # finished before this run, with the same settings
+    failed: dict[str, str]  # id (or "line N") -> reason
     seconds: float
-
-
-def _per_adapter(value, n: int, key: str, line: int):
-    """A manifest value given per adapter (or once, for a single adapter)."""
-    if value is None:
-        return [None] * n
-    if n == 1 and not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, type(None)))):
-        return [value]
-    return per_adapter(value if isinstance(value, list) else [value], n, f"manifest line {line}: '{key}'",
-                       once=False)
-
-
-def _resolve(root: Path, p):
-    if p is None:
-        return None
-    if isinstance(p, list):
-        return [_resolve(root, x) for x in p]
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | None = None) -> list[dict]:
-    """Validated items with defaults applied; relative paths are relative to the manifest's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"manifest {path} does not exist.")
-    settings = {**DEFAULTS, **(defaults or {})}
-    items, seen = [], set()
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"manifest {path} line {line_no} is not valid JSON ({e}).") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"manifest {path} line {line_no} must be a JSON object.")
-        unknown = sorted(set(raw) - set(ITEM_KEYS))
-        if unknown:
-            raise UserError(f"manifest {path} line {line_no} has unknown keys {unknown}; "
-                            f"known: {', '.join(ITEM_KEYS)}.")
-        item = {**settings, **raw}
-        item["id"] = str(raw.get("id", f"{line_no:06d}"))
-        if item["id"] in seen or "/" in item["id"] or item["id"].startswith("."):
-            raise UserError(f"manifest {path} line {line_no}: id {item['id']!r} is repeated or not a plain file name.")
-        seen.add(item["id"])
-        for key in ("images", "negative_images", "masks", "face_embeds"):
-            item[key] = [_resolve(path.parent, v) for v in _per_adapter(raw.get(key), num_adapters, key, line_no)]
-        for key in ("init_image", "mask_image"):
-            item[key] = _resolve(path.parent, item[key])
-        scale = item["scale"]
-        item["scale"] = per_adapter(scale if isinstance(scale, list) and num_adapters > 1 else [scale],
-                                    num_adapters, f"manifest {path} line {line_no}: 'scale'")
-        item["line"] = line_no
-        items.append(item)
-    if not items:
-        raise UserError(f"manifest {path} has no items.")
-    return items
+    redone: list[str] = dataclasses.field(default_factory=list)  # written before with other settings: regenerated
 
 
 def _as_list(x):
     return None if x is None else (x if isinstance(x, list) else [x])
 
 
-def _image_prompts(item: dict) -> list[ImagePrompt]:
+def _image_prompts(item: dict, config) -> list[ImagePrompt]:
     prompts = []
     for a, scale in enumerate(item["scale"]):
         face = item["face_embeds"][a]
-        prompts.append(ImagePrompt(
+        prompt = ImagePrompt(
             images=[imaging.load_image(p, what="reference image") for p in _as_list(item["images"][a]) or []] or None,
             negative_images=_as_list(item["negative_images"][a]), masks=_as_list(item["masks"][a]),
-            face_embeds=None if face is None else _load_npy(face), scale=scale, combine=item["combine"]))
+            face_embeds=None if face is None else load_array(face, "face embedding"), scale=scale,
+            combine=item["combine"])
+        layer_scales(prompt.scale, config, len(prompt.masks) if prompt.masks else None)  # checked per item here
+        prompts.append(prompt)
     return prompts
 
 
-def _load_npy(path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"face embedding {path} is not a readable .npy file ({e}).") from None
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def settings_hash(item: dict, generator: dict) -> str:
+    """What determines an item's image: its settings, its input files' contents and the models."""
+    settings = {k: v for k, v in item.items() if k not in ("id", "line")}
+    inputs = {str(p): _digest(p) for p in input_files(item) if p.is_file()}
+    text = json.dumps({"item": settings, "inputs": inputs, "generator": generator}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _status(out: Path, item_id: str, digest: str) -> str:
+    """"new", "done" (same settings), "redo" (ours, other settings or incomplete); a UserError for files of
+    another origin."""
+    png, sidecar = out / f"{item_id}.png", out / f"{item_id}.json"
+    mark = imaging.png_text(png).get(PNG_MARK) if png.exists() else None
+    if png.exists() and mark is None:
+        raise UserError(f"{png} exists and was not written by ipadapter-jax batch; move it or choose another --out")
+    record = None
+    if sidecar.exists():
+        try:
+            record = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
+            raise UserError(f"{sidecar} exists and was not written by ipadapter-jax batch; move it or choose another "
+                            "--out")
+    if mark is None and record is None:
+        return "new"
+    if mark == digest and record is not None and record.get("settings_hash") == digest:
+        return "done"
+    return "redo"
 
 
 def _group_key(pipe: IPAdapterPipeline, item: dict, prompts: list[ImagePrompt]) -> tuple:
@@ -143,26 +114,36 @@ def _group_key(pipe: IPAdapterPipeline, item: dict, prompts: list[ImagePrompt]) 
 def run_batch(pipe: IPAdapterPipeline, manifest: str | os.PathLike, out_dir: str | os.PathLike, *,
               batch_size: int | None = None, defaults: dict | None = None, contact_sheet: bool = False,
               progress: bool = True) -> BatchReport:
-    """Generate every unfinished item of `manifest` into `out_dir`; see the module docstring."""
+    """Generate every item of `manifest` into `out_dir` that is not already there with its settings (module doc)."""
     start = time.perf_counter()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the images and their sidecars.")
+    if batch_size is not None:
+        number("batch_size", batch_size, low=1, integer=True)
+    items, failed = read_manifest(manifest, len(pipe.adapters), defaults)
     out.mkdir(parents=True, exist_ok=True)
-    items = read_manifest(manifest, len(pipe.adapters), defaults)
     devices = pipe.mesh.size
     batch_size = batch_size or devices
-    report = BatchReport(written=[], skipped=[], failed={}, seconds=0.0)
+    report = BatchReport(written=[], skipped=[], failed=failed, seconds=0.0)
+    inputs = {Path(manifest).resolve(), *(p.resolve() for item in items for p in input_files(item))}
     groups: OrderedDict[tuple, list[tuple[dict, list[ImagePrompt]]]] = OrderedDict()
     for item in items:
-        if (out / f"{item['id']}.png").exists() and (out / f"{item['id']}.json").exists():
-            report.skipped.append(item["id"])
-            continue
         try:
-            prompts = _image_prompts(item)
+            _check_outputs(out, item["id"], inputs, contact_sheet)
+            item["settings_hash"] = settings_hash(item, pipe.sources)
+            status = _status(out, item["id"], item["settings_hash"])
+            if status == "done":
+                report.skipped.append(item["id"])
+                continue
+            if status == "redo":
+                report.redone.append(item["id"])
+            prompts = _image_prompts(item, pipe.base.unet.config)
             for key in ("init_image", "mask_image"):
                 if item[key] is not None:
                     imaging.load_image(item[key], what=key.replace("_", " "))
         except UserError as e:
-            report.failed[item["id"]] = str(e)
+            report.failed[item["id"]] = str(e).rstrip(".") + "."
             continue
         groups.setdefault(_group_key(pipe, item, prompts), []).append((item, prompts))
 
@@ -179,13 +160,29 @@ def run_batch(pipe: IPAdapterPipeline, manifest: str | os.PathLike, out_dir: str
                     report.failed[item["id"]] = str(e)
             bar.update(len(chunk))
     bar.close()
-    if contact_sheet:
-        done = [out / f"{item['id']}.png" for item in items if (out / f"{item['id']}.png").exists()]
-        if done:
-            sheet = imaging.grid([imaging.load_image(p) for p in done])
-            imaging.save_png(sheet, out / "contact_sheet.png")
+    if contact_sheet and jax.process_index() == 0:
+        _write_contact_sheet(out, [item["id"] for item in items], inputs, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_outputs(out: Path, item_id: str, inputs: set[Path], contact_sheet: bool) -> None:
+    if contact_sheet and item_id == SHEET:
+        raise UserError(f"the id {SHEET!r} is reserved for --contact-sheet's {SHEET}.png; rename the item")
+    for path in (out / f"{item_id}.png", out / f"{item_id}.json"):
+        if path.resolve() in inputs:
+            raise UserError(f"its output {path} is one of the batch's inputs; choose another --out")
+
+
+def _write_contact_sheet(out: Path, ids: list[str], inputs: set[Path], report: BatchReport) -> None:
+    path = out / f"{SHEET}.png"
+    if path.resolve() in inputs or path.exists() and SHEET not in imaging.png_text(path):
+        report.failed[SHEET] = (f"{path} exists and was not written by ipadapter-jax batch (or is an input); the "
+                                "contact sheet was not written: move it or choose another --out.")
+        return
+    done = [out / f"{i}.png" for i in ids if i not in report.failed and (out / f"{i}.png").exists()]
+    if done:
+        imaging.save_image(imaging.grid([imaging.load_image(p) for p in done]), path, text={SHEET: "1"})
 
 
 def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, report: BatchReport) -> None:
@@ -193,6 +190,7 @@ def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, repo
     height = first["height"] or pipe.base.default_size
     width = first["width"] or pipe.base.default_size
     imaging.check_size(height, width, pipe.base.vae_scale_factor)
+    pipe.check_fits(len(padded), height, width)
     shape = (height // pipe.base.vae_scale_factor, width // pipe.base.vae_scale_factor,
              pipe.base.vae.config.latent_channels)
     noise = Noise.from_seeds([item["seed"] for item, _ in padded], shape)
@@ -215,9 +213,11 @@ def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, repo
         report.written.extend(item["id"] for item, _ in padded[:real])
         return
     for (item, _), image in zip(padded[:real], imaging.to_pil(pixels[:real]), strict=True):
-        imaging.save_png(image, out / f"{item['id']}.png")
+        # The image first (marked with the settings hash), then the sidecar: a run killed in between redoes it.
+        imaging.save_image(image, out / f"{item['id']}.png", text={PNG_MARK: item["settings_hash"]})
         sidecar = {k: (str(v) if isinstance(v, Path) else v) for k, v in item.items() if k != "line"}
-        sidecar.update(height=height, width=width, strength=strength, seconds_per_image=round(seconds, 4),
+        sidecar.update(format=SIDECAR_FORMAT, height=height, width=width, strength=strength,
+                       seconds_per_image=round(seconds, 4),
                        scheduler=item["scheduler"] or type(pipe.base.scheduler).__name__)
         _write_json(out / f"{item['id']}.json", sidecar)
         report.written.append(item["id"])

@@ -13,6 +13,7 @@ import numpy as np
 
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.images import binary_mask, load_image
+from ipadapter_jax.models.adapter_spec import IMAGE_EMBEDS, NO_IMAGE, PENULTIMATE
 from ipadapter_jax.models.unet_config import UNetConfig
 
 COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
@@ -172,7 +173,7 @@ def layer_scales(scale: Scale, config: UNetConfig, num_masked_images: int | None
         per_block = _expand_dict(scale, config)
         values = [next(v for prefix, v in per_block.items() if p.startswith(prefix + ".")) for p in paths]
     elif isinstance(scale, (list, tuple, np.ndarray)) and num_masked_images is None:
-        values = [float(s) for s in np.asarray(scale, np.float64).reshape(-1)]
+        values = [float(s) for s in _finite(scale).reshape(-1)]
         if len(values) != n:
             raise UserError(f"a list of IP-Adapter scales needs one value per cross-attention layer ({n} for "
                             f"this UNet), got {len(values)}; or pass a float or a dict per block.")
@@ -181,7 +182,7 @@ def layer_scales(scale: Scale, config: UNetConfig, num_masked_images: int | None
     width = num_masked_images
     out = np.zeros((n,) if width is None else (n, width), np.float32)
     for i, v in enumerate(values):
-        v = np.asarray(v, np.float32)
+        v = _finite(v)
         if width is None:
             if v.ndim:
                 raise UserError("per-image IP-Adapter scales (a list per layer) need masks, one per image.")
@@ -191,6 +192,16 @@ def layer_scales(scale: Scale, config: UNetConfig, num_masked_images: int | None
                 raise UserError(f"this adapter has {width} masked images but a scale list of {v.shape[0]}.")
             out[i] = v
     return out
+
+
+def _finite(value) -> np.ndarray:
+    try:
+        array = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"IP-Adapter scales must be numbers, not {value!r}.") from None
+    if not np.isfinite(array).all():
+        raise UserError(f"IP-Adapter scales must be finite numbers, not {value!r}.")
+    return array.astype(np.float32)
 
 
 def ip_masks(masks: list, height: int, width: int) -> np.ndarray:
@@ -219,18 +230,30 @@ def save_image_embeds(path: str | os.PathLike, embeds: list[tuple[np.ndarray, np
 def load_image_embeds(path: str | os.PathLike, specs: list) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-adapter (negative, positive) features saved by `save_image_embeds`, checked against the adapters."""
     path = Path(path)
+    fix = "recompute them with --save-embeds"
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a saved image-embeddings file; {fix}.")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a saved image-embeddings file ({e}); create it with --save-embeds.") from None
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path} is not a saved image-embeddings file ({e}); {fix}.") from None
     out = []
     for a, spec in enumerate(specs):
         key = f"adapter_{a}_positive"
-        if key not in data:
-            raise UserError(f"{path} holds embeddings for fewer adapters than the {len(specs)} loaded.")
-        variant = str(data[f"adapter_{a}_variant"])
-        if variant != spec.variant or str(data[f"adapter_{a}_feature"]) != spec.image_feature:
-            raise UserError(f"{path} was saved for a {variant} adapter in slot {a}, but a {spec.variant} adapter is "
-                            "loaded there; recompute the embeddings for these adapters.")
-        out.append((data[f"adapter_{a}_negative"], data[key]))
+        if key not in arrays or f"adapter_{a}_negative" not in arrays:
+            raise UserError(f"{path} holds embeddings for fewer adapters than the {len(specs)} loaded; {fix}.")
+        variant = str(arrays.get(f"adapter_{a}_variant", ""))
+        if variant != spec.variant or str(arrays.get(f"adapter_{a}_feature", "")) != spec.image_feature:
+            raise UserError(f"{path} was saved for a {variant or 'unknown'} adapter in slot {a}, but a {spec.variant} "
+                            f"adapter is loaded there; {fix}.")
+        pair = (arrays[f"adapter_{a}_negative"], arrays[key])
+        rank = {IMAGE_EMBEDS: 2, PENULTIMATE: 3, NO_IMAGE: 2}[spec.image_feature]
+        width = spec.image_feature_dim
+        for x in pair:
+            if (not np.issubdtype(x.dtype, np.floating) or x.ndim != rank or x.shape[-1] != width
+                    or not np.isfinite(x).all()):
+                raise UserError(f"{path} holds {x.dtype} embeddings of shape {x.shape} for slot {a}, not finite "
+                                f"{rank}-d features of width {width} as the {spec.variant} adapter reads; {fix}.")
+        out.append(pair)
     return out

@@ -36,7 +36,9 @@ from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.resnet import nearest_resize
 from ipadapter_jax.pipelines.components import BaseModels, load_base
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks, layer_scales
+from ipadapter_jax.pipelines.settings import check_fits, check_generation
 from ipadapter_jax.schedulers import make_scheduler
+from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
 from ipadapter_jax.weights.diffusers_models import load_image_encoder
 from ipadapter_jax.weights.hub import resolve_path
 from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
@@ -104,6 +106,7 @@ class IPAdapterPipeline:
         small = NamedSharding(self.mesh, P())  # projections are small: always replicated
         self._projections = [stages.Bound.of(a.image_proj, small) for a in self.adapters]
         self.load_seconds = 0.0
+        self.sources: dict = {}  # what was loaded (from_pretrained): batch resume compares it
 
     @classmethod
     def from_pretrained(cls, base: str | Path, *, image_encoder: str | Path | None = None,
@@ -126,8 +129,8 @@ class IPAdapterPipeline:
         models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
                            attention_impl=attention_impl, scheduler=scheduler, revision=revision,
                            sharding=placement)
-        loaded = [load_ip_adapter(resolve_path(a, what="IP-Adapter"), unet_config=models.unet.config, dtype=dtype)
-                  for a in adapters]
+        files = [resolve_path(a, what="IP-Adapter") for a in adapters]
+        loaded = [load_ip_adapter(f, unet_config=models.unet.config, dtype=dtype) for f in files]
         attach(models.unet, loaded)
         for adapter in loaded:
             if adapter.lora:
@@ -135,11 +138,16 @@ class IPAdapterPipeline:
         encoder = processor = None
         if image_encoder is not None and any(a.spec.needs_image_encoder for a in loaded):
             folder = resolve_path(image_encoder, what="image encoder")
+            files.append(folder)
             encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl, sharding=placement)
             processor = image_processor_for(folder, encoder.image_size)
         pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh,
                    sharded_params=placement is not None)
         pipe.load_seconds = time.perf_counter() - start
+        pipe.sources = {"base": str(base), "image_encoder": None if image_encoder is None else str(image_encoder),
+                        "adapters": [str(a) for a in adapters], "dtype": str(dtype), "variant": variant,
+                        "scheduler": scheduler, "faceid_lora_scale": faceid_lora_scale,
+                        "weights": [weights_fingerprint(p) for p in (models.folder, *files)]}
         return pipe
 
     # ------------------------------------------------------------------------------------------ image prompts
@@ -224,6 +232,8 @@ class IPAdapterPipeline:
         (white = repaint; default strength 1.0). `latents`: initial noise in diffusers' NCHW layout."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        check_generation(steps=num_inference_steps, guidance=guidance_scale, guidance_rescale=guidance_rescale,
+                         eta=eta, strength=strength, ip_window=ip_window, num_images=num_images_per_prompt, seed=seed)
         prompts_list = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts_list) * num_images_per_prompt
         positive = [p for p in prompts_list for _ in range(num_images_per_prompt)]
@@ -241,11 +251,14 @@ class IPAdapterPipeline:
             else:
                 height, width = height or self.base.default_size, width or self.base.default_size
         imaging.check_size(height, width, self.base.vae_scale_factor)
+        self.check_fits(batch, height, width)
         shape = (height // self.base.vae_scale_factor, width // self.base.vae_scale_factor,
                  self.base.vae.config.latent_channels)
         noise = noise or Noise.from_seeds([seed + k for k in range(batch)], shape)
         if latents is not None:
             given = np.asarray(latents, np.float32)
+            if not np.isfinite(given).all():
+                raise UserError("the initial latents hold NaN or infinite values; pass finite noise.")
             if given.shape != (batch, shape[2], shape[0], shape[1]):
                 raise UserError(f"initial latents must have shape {(batch, shape[2], shape[0], shape[1])} (NCHW, "
                                 f"batch {batch}, {height}x{width} image), not {given.shape}.")
@@ -274,6 +287,13 @@ class IPAdapterPipeline:
         images_out = [imaging.Image.fromarray(a) for a in uint8] if output_type == "pil" else uint8
         timings["total_s"] = time.perf_counter() - start
         return GenerationOutput(images=images_out, latents=result_latents, timings=timings)
+
+    def check_fits(self, batch: int, height: int, width: int) -> None:
+        """Refuse, before any work, a batch whose decoder activations cannot fit on a device (settings.py)."""
+        rows = batch // self.mesh.size if batch % self.mesh.size == 0 else batch  # as `_place` splits them
+        vae = self.base.vae
+        check_fits(rows, height, width, vae.config.block_out_channels[0], np.dtype(vae.dtype).itemsize,
+                   self.mesh.devices.flat[0])
 
     def _place(self, x, count: int):
         """Put a batch-leading array on the mesh, split over its devices when the batch divides evenly.

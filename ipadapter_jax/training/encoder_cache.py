@@ -150,8 +150,14 @@ def build_encoder_cache(config, out_dir: str | Path | None = None, *, batch_size
             raise ConfigError("Set data.cache (where the cache goes) or workdir; the cache has nowhere to go.")
         out_dir = config.data.cache or Path(config.workdir) / "encoder_cache"
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} is not empty; choose a new folder for the cache or pass overwrite.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; choose a folder path for the encoder cache.")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / META_FILE).is_file():
+            raise UserError(f"{out_dir} holds files and is not an encoder cache; --overwrite replaces only an encoder "
+                            "cache: choose a new folder for the cache.")
+        if not overwrite:
+            raise UserError(f"{out_dir} already holds an encoder cache; choose a new folder or pass --overwrite.")
     config = materialize(dataclasses.replace(config, data=dataclasses.replace(config.data, cache=None)))
     mesh = make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
     info = read_base_info(config.model.base, config.model.dtype)

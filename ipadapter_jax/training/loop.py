@@ -22,8 +22,9 @@ from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.checkpoint import Checkpointer, abstract_like
 from ipadapter_jax.config import to_dict
 from ipadapter_jax.data import pipeline, reader
-from ipadapter_jax.errors import ConfigError, UserError
+from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
 from ipadapter_jax.models.adapter_spec import AdapterSpec
+from ipadapter_jax.outputs import check_outputs
 from ipadapter_jax.training import encoder_cache, inputs
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training import model as model_lib
@@ -31,9 +32,14 @@ from ipadapter_jax.training import step as step_lib
 from ipadapter_jax.training.config import TrainConfig
 from ipadapter_jax.training.monitoring import Monitor
 from ipadapter_jax.training.samples import SampleGrid, write_grid
+from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
 from ipadapter_jax.weights.ip_adapter_files import export_ip_adapter, load_ip_adapter, save_ip_adapter
 
 _log = logging.getLogger("ipadapter_jax.train")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; nothing computed from that step is saved or exported."""
 RECORD_FORMAT = "ipadapter_jax.train"
 EXPORT_NAME = "ip_adapter.safetensors"  # the official layout, under <workdir>/export/
 # Changing these between a run and its resume would change which records and draws each step sees.
@@ -137,37 +143,60 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
     # ---------------------------------------------------------------- restore
+    monitor = None
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    record = {"format": RECORD_FORMAT, "config": to_dict(given), "resolved_config": to_dict(config),
-              "adapter_spec": spec.to_dict()}
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        check_resumable(checkpointer.read_record(resumed_from), record)
-        state = checkpointer.restore(resumed_from, abstract_like(state), iterator)
-        _log.info("Resumed from step %d in %s.", resumed_from, checkpointer.directory)
-    step = int(jax.device_get(state["step"]))
-
-    # ---------------------------------------------------------------- compile
-    first = next(iterator) if step < config.total_steps else None
-    compiled, flops = None, None
-    if first is not None:
-        batch = pipeline.to_global_batch(first, mesh, sharding_lib.BATCH_SPEC)
-        compiled = jitted.lower(state, frozen, consts, batch).compile()
-        flops = (compiled.cost_analysis() or {}).get("flops")
-    sampler = _sample_grid(config, assembled, mesh, frozen, cached)
-    monitor = Monitor(workdir, config.monitor, start_step=step, total_steps=config.total_steps,
-                      global_batch_size=config.global_batch_size, num_devices=mesh.size,
-                      flops_per_device_step=flops, primary=primary)
-    if resumed_from is not None:
-        monitor.write(f"Resumed from step {resumed_from}.")
-
-    # ---------------------------------------------------------------- loop
-    history: list[dict[str, float]] = []
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    log_every = config.monitor.log_every_steps
-    preempted = False
     try:
+        record = {"format": RECORD_FORMAT, "config": to_dict(given), "resolved_config": to_dict(config),
+                  "adapter_spec": spec.to_dict()}
+        record["fingerprints"] = {"model.base": weights_fingerprint(config.model.base),
+                                  "model.image_encoder": weights_fingerprint(config.model.image_encoder)}
+        notes: list[str] = []
+
+        def load(step: int):
+            check_resumable(checkpointer.read_record(step), record)
+            return checkpointer.restore(step, abstract_like(state), iterator)
+
+        found = checkpointer.restore_newest(
+            load, on_damaged=lambda s, why: notes.append(f"{why} It was moved aside; resuming from an earlier step."))
+        resumed_from = None
+        if found is not None:
+            resumed_from, state = found
+            notes.append(f"Resumed from step {resumed_from}.")
+        step = int(jax.device_get(state["step"]))
+
+        # ---------------------------------------------------------------- compile
+        first = next(iterator) if step < config.total_steps else None
+        compiled, flops = None, None
+        if first is not None:
+            batch = pipeline.to_global_batch(first, mesh, sharding_lib.BATCH_SPEC)
+            compiled = jitted.lower(state, frozen, consts, batch).compile()
+            flops = (compiled.cost_analysis() or {}).get("flops")
+        sampler = _sample_grid(config, assembled, mesh, frozen, cached)
+        monitor = Monitor(workdir, config.monitor, start_step=step, total_steps=config.total_steps,
+                          global_batch_size=config.global_batch_size, num_devices=mesh.size,
+                          flops_per_device_step=flops, primary=primary)
+        for note in notes:
+            monitor.write(note)
+
+        # ---------------------------------------------------------------- loop
+        history: list[dict[str, float]] = []
+        pending: list[tuple[int, dict[str, jax.Array]]] = []
+        log_every, every_export = config.monitor.log_every_steps, config.checkpoint.export_every_steps
+        preempted = False
+
+        def settle() -> None:
+            """Metrics to the host; a non-finite loss stops the run before anything is saved from it."""
+            for s, m in pending:
+                history.append({"step": float(s), **{k: float(v) for k, v in jax.device_get(m).items()}})
+                if not np.isfinite(history[-1]["loss"]):
+                    saved = checkpointer.latest_step()
+                    raise TrainingDiverged(
+                        f"Training diverged at step {s}: the loss is {history[-1]['loss']}; nothing from it was saved "
+                        f"(last checkpoint: {'none' if saved is None else f'step {saved}'}). Lower optimizer.lr (now "
+                        f"{config.optimizer.lr:g}) or set optimizer.grad_clip_norm, then rerun.")
+            pending.clear()
+
         while step < config.total_steps:
             local = first if first is not None else next(iterator)
             first = None
@@ -177,33 +206,38 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
             pending.append((step, metrics))
             monitor.advance()
             last = step == config.total_steps
-            if on_step is not None or step % log_every == 0 or last:
-                for s, m in pending:
-                    history.append({"step": float(s), **{k: float(v) for k, v in jax.device_get(m).items()}})
-                pending.clear()
-                if step % log_every == 0 or last:
+            preempted = checkpointer.reached_preemption(step)
+            export_now = bool(every_export) and step % every_export == 0 and not last
+            sample_now = sampler is not None and step % config.monitor.sample_every_steps == 0
+            logged = step % log_every == 0 or last
+            if on_step is not None or logged or preempted or export_now or sample_now or checkpointer.due(step):
+                settle()
+                if logged:
                     history[-1].update(monitor.log(step, history[-1], num_skipped=iterator.num_skipped))
                 if on_step is not None:
                     on_step(step, history[-1])
-            if checkpointer.reached_preemption(step):
+            if preempted:
                 checkpointer.save(step, state, iterator, record, force=True)
                 monitor.write(f"Preemption notice at step {step}: checkpoint saved; rerun to resume.")
-                preempted = True
                 break
             if not last:  # the final checkpoint is forced below
                 checkpointer.save(step, state, iterator, record)
-            every = config.checkpoint.export_every_steps
-            if every and step % every == 0 and not last:
+            if export_now:
                 _export(state["params"], spec, workdir / "export" / f"step_{step:08d}", primary)
                 monitor.reset_clock(step)
-            if sampler is not None and step % config.monitor.sample_every_steps == 0:
+            if sample_now:
                 _write_samples(sampler, state["params"], frozen, workdir, step, monitor)
-    finally:
+        settle()
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, iterator, record, force=True)
         checkpointer.wait()
-    if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, iterator, record, force=True)
-    checkpointer.wait()
-    checkpointer.close()
+        checkpointer.close()
+    except BaseException:
+        # Let a save in flight end and close Orbax's threads (their own failure is secondary to this one).
+        checkpointer.close_quietly()
+        if monitor is not None:
+            monitor.close()
+        raise
 
     # ---------------------------------------------------------------- export
     if preempted:
@@ -235,7 +269,8 @@ def initialize_distributed(config: TrainConfig) -> None:
 
 
 def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """A config that would change the data order or the adapter cannot resume a run; name what changed."""
+    """A config that would change the data order, the adapter or the frozen weights cannot resume a run; name
+    what changed."""
     if saved.get("format") != RECORD_FORMAT:
         raise ConfigError("The workdir's checkpoints were not written by ipadapter-jax training; use a new workdir.")
     model_lib.check_adapter_compatible_dicts(now["adapter_spec"], saved.get("adapter_spec", {}))
@@ -244,6 +279,12 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
         if a != b:
             raise ConfigError(f"{dotted} was {a!r} when this workdir's run started and is {b!r} now; resuming "
                               "needs the same value (or use a new workdir).")
+    for key, fingerprint in now.get("fingerprints", {}).items():
+        before = saved.get("fingerprints", {}).get(key)
+        if before is not None and before != fingerprint:
+            raise ConfigError(f"{key} ({_get(now['config'], key)}) holds other weights than when this workdir's run "
+                              f"started ({_get(saved['config'], key)}); resume with the same weights or use a new "
+                              "workdir.")
 
 
 def _get(tree: dict, dotted: str):
@@ -289,27 +330,43 @@ def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: M
 
 
 def export_checkpoint(workdir: str | Path, out_file: str | Path | None = None, *, step: int | None = None,
-                      overwrite: bool = False) -> Path:
-    """Export the adapter of a workdir's checkpoint (default: the latest) to the official layout, on demand.
+                      overwrite: bool = False, on_damaged: Callable[[int, str], None] | None = None) -> Path:
+    """Export the adapter of a workdir's checkpoint (default: the newest readable one) to the official layout.
 
     Needs no base model: the checkpoint records the adapter spec. Writes ``out_file``, by default
     ``<workdir>/export/step_<N>/ip_adapter.safetensors`` with our Flax folder ``ip_adapter/`` beside it. An
-    existing ``out_file`` is replaced only with ``overwrite``; the workdir's own export folder always is.
+    existing ``out_file`` is replaced only with ``overwrite``; the workdir's own export folder always is. Damaged
+    newer checkpoints are reported to ``on_damaged(step, reason)`` and left as they are.
     """
     folder = Path(workdir) / "checkpoints"
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; point to a training workdir (the one given as workdir=...).")
+    if out_file is not None:
+        check_outputs([out_file], inputs=[folder], overwrite=overwrite)
     checkpointer = Checkpointer(folder, every_steps=1, keep=0, async_save=False, read_only=True)
-    available = checkpointer.all_steps()
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in available:
-        checkpointer.close()
-        raise UserError(f"{folder} has no checkpoint" + (f" for step {step}" if step is not None else "")
-                        + (f" (available: {', '.join(map(str, available))})" if available else "") + ".")
-    record = checkpointer.read_record(step)
-    spec = AdapterSpec.from_dict(record["adapter_spec"])
-    state = checkpointer.restore_state_locally(step)
-    checkpointer.close()
+    try:
+        available = checkpointer.all_steps()
+        if step is not None and step not in available:
+            raise UserError(f"{folder} has no checkpoint for step {step}"
+                            + (f" (available: {', '.join(map(str, available))})." if available else "."))
+
+        def load(s: int):
+            spec = AdapterSpec.from_dict(checkpointer.read_record(s)["adapter_spec"])
+            return spec, checkpointer.restore_state_locally(s)
+
+        if step is None:
+            found = checkpointer.restore_newest(load, on_damaged=on_damaged)
+        else:
+            try:
+                found = step, load(step)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} Pass another --step (available: {', '.join(map(str, available))}).")\
+                    from None
+        if found is None:
+            raise UserError(f"{folder} has no checkpoint; train first.")
+    finally:
+        checkpointer.close_quietly()
+    step, (spec, state) = found
     host = {k: np.asarray(v) for k, v in state["params"].items()}
     adapter = model_lib.to_ip_adapter(spec, host)
     if out_file is None:  # the workdir's own export folder: regenerated freely

@@ -21,7 +21,7 @@ from ipadapter_jax.generation.denoise import denoise
 from ipadapter_jax.generation.image_features import image_features, image_processor_for, pixel_values
 from ipadapter_jax.generation.prompts import encode as encode_text
 from ipadapter_jax.generation.prompts import tokenize_all
-from ipadapter_jax.images import grid, load_image, save_png, to_pil
+from ipadapter_jax.images import grid, load_image, save_image, to_pil
 from ipadapter_jax.models.image_proj import project_tokens
 from ipadapter_jax.schedulers import load_scheduler
 from ipadapter_jax.training import loss as loss_lib
@@ -108,5 +108,5 @@ class SampleGrid:
 
 def write_grid(image, workdir: Path, step: int) -> Path:
     path = Path(workdir) / "samples" / f"step_{step:08d}.png"
-    save_png(image, path)
+    save_image(image, path)
     return path

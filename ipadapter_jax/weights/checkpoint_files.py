@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -134,3 +135,24 @@ def open_weights(folder: str | os.PathLike, basename: str, variant: str | None =
         f"(found: {', '.join(found) or 'nothing'}); "
         "point to a diffusers-format folder or pass the right variant."
     )
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_SAMPLES, _SAMPLE_BYTES = 8, 1 << 16
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of the weights under ``path`` (a file or a model folder): per weight file its name, size
+    and a hash of eight 64 KiB samples spread over it. Two folders of the same architecture with other weights
+    (same shapes, so same sizes) differ; reading ~0.5 MiB per file keeps it fast for multi-GB checkpoints."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in _WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root) if file != root else file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()

@@ -126,8 +126,7 @@ def _write_folder(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], out_dir:
                   overwrite: bool) -> None:
     """Write to a temporary sibling, then rename into place: no half-written folder is ever visible."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists; choose another output folder or pass overwrite.")
+    _check_folder_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -152,11 +151,34 @@ def save_ip_adapter(adapter: IPAdapter, out_dir: str | os.PathLike, *, dtype=Non
     return Path(out_dir)
 
 
+def _check_folder_target(out_dir: Path, overwrite: bool) -> None:
+    """A new folder, or (with `overwrite`) one of our adapter folders and nothing else: never another folder."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; choose a folder path for the adapter.")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"{out_dir} already exists; choose another output folder or pass --overwrite.")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in (SPEC_FILE, WEIGHTS_FILE))
+    try:
+        ours = json.loads((out_dir / SPEC_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if others or not ours:
+        held = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "") if others else "no adapter record"
+        raise UserError(f"{out_dir} is not an ipadapter-jax adapter folder ({held}); --overwrite replaces only such "
+                        "folders: choose another output folder.")
+
+
 def _check_target(out_file: Path, overwrite: bool) -> None:
     if out_file.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
         raise UserError(f"{out_file} must end in .safetensors or .bin (the official layouts).")
+    if out_file.is_dir():
+        raise UserError(f"{out_file} is a folder; give a file path ending in .safetensors or .bin.")
     if out_file.exists() and not overwrite:
-        raise UserError(f"{out_file} already exists; choose another output file or pass overwrite.")
+        raise UserError(f"{out_file} already exists; choose another output file or pass --overwrite.")
 
 
 def export_ip_adapter(adapter: IPAdapter, out_file: str | os.PathLike, *, dtype=None,
@@ -173,8 +195,7 @@ def convert_to_flax(src_file: str | os.PathLike, out_dir: str | os.PathLike, *, 
                     overwrite: bool = False) -> AdapterSpec:
     """Official file -> our folder, bit-exact (dtypes as stored); the UNet is inferred when standard."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists; choose another output folder or pass overwrite.")
+    _check_folder_target(out_dir, overwrite)
     f = layout.read_official(src_file)
     spec = spec_from_official(f, unet_config)
     _write_folder(spec, layout.official_to_flax(f, spec), out_dir, Path(src_file).name, overwrite)
@@ -185,6 +206,8 @@ def convert_to_torch(flax_dir: str | os.PathLike, out_file: str | os.PathLike, *
     """Our folder -> the official layout, numbered from the layer paths recorded in its spec; bit-exact."""
     out_file = Path(out_file)
     _check_target(out_file, overwrite)
+    if out_file.resolve().parent == Path(flax_dir).resolve():
+        raise UserError(f"{out_file} lies inside the adapter folder {flax_dir}; write it elsewhere.")
     spec, tensors, _ = read_flax_folder(flax_dir)
     image_proj, ip = layout.flax_to_official(tensors, spec, str(flax_dir))
     layout.write_official(image_proj, ip, out_file)

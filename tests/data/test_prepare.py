@@ -132,7 +132,7 @@ def test_torch_face_embedding_without_torch_is_a_clear_error(tmp_path, monkeypat
 def test_existing_dataset_needs_overwrite(tmp_path, synthetic_data):
     out = tmp_path / "out"
     tfds_builder.prepare_dataset(synthetic_data.json_file, out, progress=False)
-    with pytest.raises(UserError, match="overwrite=True"):
+    with pytest.raises(UserError, match="--overwrite"):
         tfds_builder.prepare_dataset(synthetic_data.json_file, out, progress=False)
 
     half = tmp_path / "half.json"

@@ -160,8 +160,12 @@ def test_existing_outputs_are_never_overwritten_by_default(tmp_path, torch, ref_
     (tmp_path / "flax" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
         convert_to_flax(src, tmp_path / "flax", unet_config=SD1)
+    with pytest.raises(UserError, match="not an ipadapter-jax adapter folder"):  # --overwrite spares it too
+        convert_to_flax(src, tmp_path / "flax", unet_config=SD1, overwrite=True)
     assert (tmp_path / "flax" / "keep.txt").read_text() == "mine"
-    convert_to_flax(src, tmp_path / "flax", unet_config=SD1, overwrite=True)
+    (tmp_path / "flax" / "keep.txt").unlink()
+    convert_to_flax(src, tmp_path / "flax", unet_config=SD1)  # an empty folder is as good as none
+    convert_to_flax(src, tmp_path / "flax", unet_config=SD1, overwrite=True)  # our own folder is replaced
     assert sorted(p.name for p in (tmp_path / "flax").iterdir()) == [SPEC_FILE, WEIGHTS_FILE]
     with pytest.raises(UserError, match="already exists"):
         convert_to_torch(tmp_path / "flax", src)
