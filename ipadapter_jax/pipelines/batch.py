@@ -7,7 +7,9 @@ Each manifest line is one item; any key left out takes the run's default:
 Keys: id, prompt, negative_prompt, images (per adapter: a path or a list of paths; a single adapter may take a
 plain path), negative_images, masks, face_embeds (per adapter: a .npy path), combine, scale (a float, or a list
 with one entry per adapter), seed, steps, guidance, guidance_rescale, height, width, scheduler, eta, init_image,
-strength, mask_image, ip_window ([start, end]).
+strength, mask_image, ip_window ([start, end]); and the image-prompt controls, for every adapter of the item:
+weight_type, composition_weight, layer_weights, embeds_scaling, negative_noise, tiles, plus composition_images
+(per adapter, like images).
 
 Items are grouped by everything that fixes compiled shapes (size, steps, sampler, number of reference images,
 ...), each group runs in batches of `batch_size` (padded to a multiple of the device count), and every item
@@ -33,16 +35,17 @@ from tqdm import tqdm
 
 from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt, per_adapter
+from ipadapter_jax.pipelines.image_prompt import CONTROL_DEFAULTS, ImagePrompt, per_adapter
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline, Noise
 
+CONTROL_KEYS = (*CONTROL_DEFAULTS, "composition_images")
 ITEM_KEYS = ("id", "prompt", "negative_prompt", "images", "negative_images", "masks", "face_embeds", "combine",
              "scale", "seed", "steps", "guidance", "guidance_rescale", "height", "width", "scheduler", "eta",
-             "init_image", "strength", "mask_image", "ip_window")
+             "init_image", "strength", "mask_image", "ip_window") + CONTROL_KEYS
 DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": None, "scale": 1.0, "seed": 0, "steps": 30,
                             "guidance": 7.5, "guidance_rescale": 0.0, "height": None, "width": None,
                             "scheduler": None, "eta": 0.0, "init_image": None, "strength": None,
-                            "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat"}
+                            "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat", **CONTROL_DEFAULTS}
 
 
 @dataclasses.dataclass
@@ -97,7 +100,7 @@ def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | N
         if item["id"] in seen or "/" in item["id"] or item["id"].startswith("."):
             raise UserError(f"manifest {path} line {line_no}: id {item['id']!r} is repeated or not a plain file name.")
         seen.add(item["id"])
-        for key in ("images", "negative_images", "masks", "face_embeds"):
+        for key in ("images", "negative_images", "masks", "face_embeds", "composition_images"):
             item[key] = [_resolve(path.parent, v) for v in _per_adapter(raw.get(key), num_adapters, key, line_no)]
         for key in ("init_image", "mask_image"):
             item[key] = _resolve(path.parent, item[key])
@@ -122,7 +125,8 @@ def _image_prompts(item: dict) -> list[ImagePrompt]:
         prompts.append(ImagePrompt(
             images=[imaging.load_image(p, what="reference image") for p in _as_list(item["images"][a]) or []] or None,
             negative_images=_as_list(item["negative_images"][a]), masks=_as_list(item["masks"][a]),
-            face_embeds=None if face is None else _load_npy(face), scale=scale, combine=item["combine"]))
+            face_embeds=None if face is None else _load_npy(face), scale=scale, combine=item["combine"],
+            composition_images=_as_list(item["composition_images"][a]), **{k: item[k] for k in CONTROL_DEFAULTS}))
     return prompts
 
 
