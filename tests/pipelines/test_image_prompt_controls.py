@@ -21,7 +21,7 @@ from ipadapter_jax.errors import UserError
 from ipadapter_jax.generation import stages
 from ipadapter_jax.pipelines.batch import run_batch
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt
-from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
+from ipadapter_jax.pipelines.ip_adapter_pipeline import GenerationOutput, IPAdapterPipeline
 from ipadapter_jax.pipelines.negative_noise import negative_noise_image
 from ipadapter_jax.pipelines.weight_types import composition_layers
 from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
@@ -179,17 +179,29 @@ def test_a_batch_of_four_weight_types_gives_each_item_its_single_call_image(sdxl
     assert json.loads((tmp_path / "out" / "item0.json").read_text())["weight_type"] == "style transfer precise"
 
 
-def test_cli_flags_reach_the_image_prompt(sdxl, refs, tmp_path):
-    (base, encoder, adapter), pipe = sdxl
+def test_cli_flags_reach_the_image_prompt(sdxl, refs, tmp_path, monkeypatch):
+    (base, encoder, adapter), _ = sdxl
+    calls = []
+
+    def record(pipe, prompt, *, images, **kwargs):  # the CLI only parses: check what it hands the pipeline
+        calls.append(images)
+        return GenerationOutput(images=[], latents=np.zeros((1, 4, 16, 16), np.float32), timings={})
+
+    monkeypatch.setattr(IPAdapterPipeline, "__call__", record)
     flags = ["--weight-type", "style_and_composition", "--composition-image", str(refs[1]), "--composition-weight",
-             "0.4", "--embeds-scaling", "kv-mean-penalty", "--negative-noise", "dissolve:0.4"]
+             "0.4", "--embeds-scaling", "kv-mean-penalty", "--negative-noise", "dissolve:0.4", "--scale", "0.7"]
     args = ["generate", "--base", str(base), "--image-encoder", str(encoder), "--adapter", str(adapter), "--image",
-            str(refs[0]), "--prompt", "a scene", "--steps", str(STEPS), "--guidance", "5", "--seed", "11",
-            "--height", "64", "--width", "64", "--output-type", "latent"]
-    assert main([*args, *flags, "--out", str(tmp_path / "cli.npy")]) == 0
-    prompt = ImagePrompt(images=refs[:1], weight_type="style and composition", composition_images=refs[1:2],
-                         composition_weight=0.4, embeds_scaling="kv-mean-penalty", negative_noise="dissolve:0.4")
-    np.testing.assert_allclose(np.load(tmp_path / "cli.npy"), _latents(pipe, prompt), rtol=0, atol=0)
+            str(refs[0]), "--output-type", "latent", "--out", str(tmp_path / "cli.npy")]
+    assert main([*args, *flags]) == 0
+    (prompt,) = calls[0]
+    assert (prompt.weight_type, prompt.composition_images, prompt.composition_weight, prompt.embeds_scaling,
+            prompt.negative_noise, prompt.scale, prompt.layer_weights, prompt.tiles) == (
+        "style and composition", [str(refs[1])], 0.4, "kv-mean-penalty", "dissolve:0.4", 0.7, None, None)
+    assert main([*args, "--layer-weights", "3:1,6:0.5", "--tiles", "auto", "--combine", "concat"]) == 0
+    (prompt,) = calls[1]
+    assert prompt.layer_weights == "3:1,6:0.5" and prompt.weight_type == "linear" and len(prompt.images) == 1
+    assert main([*args, "--image", str(refs[2]), "--combine", "max"]) == 0
+    assert calls[2][0].combine == "max" and len(calls[2][0].images) == 2
 
 
 @pytest.mark.parametrize("flags,expected", [
