@@ -46,6 +46,44 @@ def _scale(text: str):
     return text
 
 
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image-prompt controls (each once for every adapter, or repeated per adapter)")
+    g.add_argument("--weight-type", action="append", default=[],
+                   help="how --scale spreads over the attention blocks: linear (default), 'ease in', 'ease out', "
+                        "'ease in-out', 'reverse in-out', 'weak input', 'weak middle', 'weak output', 'strong middle', "
+                        "'style transfer', composition, 'strong style transfer', 'style and composition', 'strong "
+                        "style and composition', 'style transfer precise', 'composition precise' (or with - or _)")
+    g.add_argument("--composition-weight", action="append", type=float, default=[],
+                   help="weight of the composition blocks in the style-and-composition types (default: --scale)")
+    g.add_argument("--layer-weights", action="append", default=[],
+                   help="'t:v,t:v,...': attention block t gets v * scale, the others nothing")
+    g.add_argument("--composition-image", action="append", default=[],
+                   help="SDXL, 'style and composition' types: a second reference for the composition block "
+                        "(one per adapter)")
+    g.add_argument("--embeds-scaling", action="append", default=[],
+                   choices=["v", "kv", "kv-penalty", "kv-mean-penalty"], help="how the weight scales K' and V'")
+    g.add_argument("--negative-noise", action="append", default=[],
+                   help="fade|dissolve|gaussian|shuffle[:strength]: the unconditional image made from noise")
+    g.add_argument("--tiles", choices=["auto"], help="split a non-square or large reference into 256-px tiles")
+
+
+def _control_options(args, n: int) -> list[dict]:
+    """Per adapter, the ImagePrompt keywords of the image-prompt control flags."""
+    from ipadapter_jax.pipelines.image_prompt import per_adapter
+
+    options = [{"tiles": args.tiles, "composition_images": args.composition_image[a:a + 1] or None}
+               for a in range(n)]
+    for key, given, default in (("weight_type", args.weight_type, "linear"),
+                                ("composition_weight", args.composition_weight, None),
+                                ("layer_weights", args.layer_weights, None),
+                                ("embeds_scaling", args.embeds_scaling, "v"),
+                                ("negative_noise", args.negative_noise, None)):
+        for option, value in zip(options, per_adapter(given or [default], n, f"--{key.replace('_', '-')}"),
+                                 strict=True):
+            option[key] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipadapter-jax", description="IP-Adapter for Stable Diffusion in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-image", action="append", default=[], help="negative reference per adapter")
     gen.add_argument("--face-embeds", action="append", default=[], help="FaceID: .npy InsightFace embedding(s)")
     gen.add_argument("--mask", action="append", default=[], help="regional mask per reference image (adapter 0)")
-    gen.add_argument("--combine", default="concat", choices=["concat", "average", "norm_average", "add", "subtract"])
+    gen.add_argument("--combine", default="concat",
+                     choices=["concat", "average", "norm_average", "add", "subtract", "max", "min"])
     gen.add_argument("--scale", action="append", type=_scale, default=[],
                      help="IP scale: a float, a JSON per-block dict, or a preset (style, style_and_layout); "
                           "repeat per adapter")
+    _add_control_args(gen)
     gen.add_argument("--ip-start", type=float, default=0.0, help="fraction of the steps where the image prompt starts")
     gen.add_argument("--ip-end", type=float, default=1.0, help="fraction of the steps where it stops")
     gen.add_argument("--prompt", default="")
@@ -148,8 +188,8 @@ def _generate(args) -> None:
     latent = args.output_type == "latent"
     paths = _numbered(args.out, args.num_images, latent)
     references = [p for spec in args.image for p in spec.split(",")]
-    inputs = [*references, *args.negative_image, *args.mask, *args.face_embeds, args.init_image, args.mask_image,
-              args.latents, args.embeds]
+    inputs = [*references, *args.negative_image, *args.mask, *args.face_embeds, *args.composition_image,
+              args.init_image, args.mask_image, args.latents, args.embeds]
     check_outputs(paths, inputs=inputs, overwrite=args.overwrite)
     if args.save_embeds:
         check_outputs([args.save_embeds], inputs=inputs, overwrite=args.overwrite, flag="--save-embeds")
@@ -167,11 +207,12 @@ def _generate(args) -> None:
             else [[] for _ in range(n)]
     scales = per_adapter(args.scale or [1.0], n, "--scale")
     prompts = []
+    controls = _control_options(args, n)
     for a in range(n):
         prompts.append(ImagePrompt(
             images=images[a] or None, negative_images=args.negative_image[a:a + 1] or None,
             face_embeds=faces[a] if a < len(faces) else None, scale=scales[a], combine=args.combine,
-            masks=(args.mask or None) if a == 0 else None))
+            masks=(args.mask or None) if a == 0 else None, **controls[a]))
     embeds = load_image_embeds(args.embeds, [a.spec for a in pipe.adapters]) if args.embeds else None
     if args.save_embeds:
         computed = embeds or pipe.image_embeds(prompts)

@@ -108,6 +108,23 @@ TINY_UNET_XL = {
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 80,
 }
+# The real SD1.5 / SDXL block layouts (16 / 11 attention blocks, which the weight types index) at tiny widths.
+TINY_UNET_FULL_LAYOUT = {
+    **TINY_UNET,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+TINY_UNET_XL_FULL_LAYOUT = {
+    **TINY_UNET_XL,
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 2, 4],
+}
 TINY_VAE = {
     "_class_name": "AutoencoderKL",
     "in_channels": 3,
@@ -234,13 +251,16 @@ def write_random_pipeline(folder: str | Path, *, unet: dict, vae: dict, text: di
     return folder
 
 
-def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, in_channels: int = 4) -> Path:
+def write_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0, in_channels: int = 4,
+                        full_layout: bool = False) -> Path:
     """A tiny random SD1.5- or SDXL-shaped pipeline folder: 64x64 images from 16x16 latents.
-    `in_channels=9` gives an inpainting UNet."""
+    `in_channels=9` gives an inpainting UNet; `full_layout` the real model's blocks (for weight types)."""
     if kind not in ("sd15", "sdxl"):
         raise ValueError(f"kind must be sd15 or sdxl, not {kind!r}")
     xl = kind == "sdxl"
-    unet = {**(TINY_UNET_XL if xl else TINY_UNET), "in_channels": in_channels}
+    layouts = {(False, False): TINY_UNET, (True, False): TINY_UNET_XL, (False, True): TINY_UNET_FULL_LAYOUT,
+               (True, True): TINY_UNET_XL_FULL_LAYOUT}
+    unet = {**layouts[xl, full_layout], "in_channels": in_channels}
     text_2 = {**TINY_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu"} if xl else None
     return write_random_pipeline(folder, unet=unet, vae=TINY_VAE, text=TINY_TEXT, text_2=text_2,
                                  scheduler=SCHEDULER_XL if xl else SCHEDULER, seed=seed)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.models.ip_conditioning import IPConditioning
+from ipadapter_jax.models.ip_conditioning import IPConditioning, LayerControls
 
 
 @jax.tree_util.register_dataclass
@@ -41,12 +41,23 @@ def unit_ip(tokens_BNTC: jax.Array, num_layers: int) -> IPConditioning:
 
 
 def _guided_ip(negative: IPConditioning, positive: IPConditioning) -> IPConditioning:
-    """Tokens interleaved per item; per-row scales (B, n_layers) too; shared scales and masks as they are."""
-    scales = tuple(interleave(n, p) if p.ndim == 2 and m is None else p
-                   for n, p, m in zip(negative.scales, positive.scales, positive.masks, strict=True))
+    """Tokens interleaved per item; per-row scales and controls (B, n_layers) too; shared ones and masks as they
+    are."""
+    def rows(n, p, mask):
+        return interleave(n, p) if p.ndim == 2 and mask is None else p
+
+    scales = tuple(rows(n, p, m) for n, p, m in zip(negative.scales, positive.scales, positive.masks, strict=True))
+    controls = None
+    if positive.controls is not None:
+        controls = tuple(
+            None if p is None else LayerControls(key_scale=rows(n.key_scale, p.key_scale, m),
+                                                 mean_shift=rows(n.mean_shift, p.mean_shift, m),
+                                                 use_alt=rows(n.use_alt, p.use_alt, m),
+                                                 alt_tokens=interleave(n.alt_tokens, p.alt_tokens))
+            for n, p, m in zip(negative.controls, positive.controls, positive.masks, strict=True))
     return IPConditioning(tokens=tuple(interleave(n, p) for n, p in zip(negative.tokens, positive.tokens,
                                                                         strict=True)),
-                          scales=scales, masks=positive.masks)
+                          scales=scales, masks=positive.masks, controls=controls)
 
 
 def guided(negative: Conditioning, positive: Conditioning) -> Conditioning:

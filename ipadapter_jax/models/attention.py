@@ -160,23 +160,49 @@ class Attention(nnx.Module):
         return self.to_out[0](out.reshape(*x_BLC.shape[:2], -1))
 
     def _image_branch(self, q_BLHD, ip: IPConditioning):
-        """Sum over adapters of scale * attention(q, image tokens); masked images attend one at a time."""
+        """Sum over adapters of scale * attention(q, image tokens); masked images attend one at a time. An adapter
+        with `LayerControls` may read other tokens on this layer, scale its keys and shift by the values' mean."""
         if len(ip.tokens) != len(self.to_k_ip):
             raise ValueError(f"the UNet holds {len(self.to_k_ip)} IP-Adapters but {len(ip.tokens)} were given")
+        controls = ip.controls if ip.controls is not None else (None,) * len(ip.tokens)
+        dtype = q_BLHD.dtype
         total = jnp.zeros_like(q_BLHD)
-        for a, (tokens_BNTC, scale, mask) in enumerate(zip(ip.tokens, ip.scales, ip.masks, strict=True)):
+        for a, (tokens_BNTC, scale, mask, ctrl) in enumerate(zip(ip.tokens, ip.scales, ip.masks, controls,
+                                                                 strict=True)):
             to_k, to_v = self.to_k_ip[a], self.to_v_ip[a]
             if mask is None:
                 # scale: (n_layers,) for the whole batch, or (B, n_layers) per batch row
-                layer_scale = scale[..., self.ip_layer].astype(q_BLHD.dtype).reshape(-1, 1, 1, 1)
+                def at_layer(x):
+                    return x[..., self.ip_layer].astype(dtype).reshape(-1, 1, 1, 1)
+
+                layer_scale = at_layer(scale)
+                if ctrl is not None:
+                    tokens_BNTC = jnp.where(at_layer(ctrl.use_alt) > 0, ctrl.alt_tokens, tokens_BNTC)
                 tokens = tokens_BNTC.reshape(tokens_BNTC.shape[0], -1, tokens_BNTC.shape[-1])
-                o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
-                total = total + layer_scale * o
+                if ctrl is None:
+                    o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
+                    total = total + layer_scale * o
+                else:
+                    o = self._controlled(q_BLHD, tokens, to_k, to_v, at_layer(ctrl.key_scale),
+                                         at_layer(ctrl.mean_shift))
+                    total = total + layer_scale * o
                 continue
-            layer_scale = scale[self.ip_layer].astype(q_BLHD.dtype)
-            mask_BNL = downsample_mask(mask, q_BLHD.shape[1]).astype(q_BLHD.dtype)
+            layer_scale = scale[self.ip_layer].astype(dtype)
+            mask_BNL = downsample_mask(mask, q_BLHD.shape[1]).astype(dtype)
             for j in range(tokens_BNTC.shape[1]):
                 tokens = tokens_BNTC[:, j]
-                o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
+                if ctrl is None:
+                    o = attention(q_BLHD, self._heads(to_k(tokens)), self._heads(to_v(tokens)), self.attention_impl)
+                    total = total + layer_scale[j] * o * mask_BNL[:, j, :, None, None]
+                    continue
+                tokens = jnp.where(ctrl.use_alt[self.ip_layer, j] > 0, ctrl.alt_tokens[:, j], tokens)
+                o = self._controlled(q_BLHD, tokens, to_k, to_v, ctrl.key_scale[self.ip_layer, j].astype(dtype),
+                                     ctrl.mean_shift[self.ip_layer, j].astype(dtype))
                 total = total + layer_scale[j] * o * mask_BNL[:, j, :, None, None]
         return total
+
+    def _controlled(self, q_BLHD, tokens_BSC, to_k, to_v, key_scale, mean_shift):
+        """attention(q, key_scale * K', V' + mean_shift * mu), mu = V' averaged over the tokens."""
+        k_BSHD, v_BSHD = self._heads(to_k(tokens_BSC)), self._heads(to_v(tokens_BSC))
+        v_BSHD = v_BSHD + mean_shift * jnp.mean(v_BSHD, axis=1, keepdims=True)
+        return attention(q_BLHD, k_BSHD * key_scale, v_BSHD, self.attention_impl)

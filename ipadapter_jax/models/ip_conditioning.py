@@ -1,6 +1,7 @@
-"""What the UNet's cross-attention receives per call for its IP-Adapters: tokens, scales and masks.
+"""What the UNet's cross-attention receives per call for its IP-Adapters: tokens, scales, masks and the optional
+per-layer controls (key scales, a mean shift of the values, an alternative token set chosen per layer).
 
-All three are traced values: changing a scale or a mask never recompiles; only their shapes are static.
+All are traced values: changing a scale, a mask or a control never recompiles; only their shapes are static.
 """
 
 from __future__ import annotations
@@ -17,6 +18,23 @@ import numpy as np
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class LayerControls:
+    """One adapter's controls beyond the output scale; each per-layer array has its adapter's `scales` shape.
+
+    The layer adds `scale * attention(q, key_scale * K', V' + mean_shift * mu)`, K' = to_k_ip(tokens),
+    V' = to_v_ip(tokens), mu = V' averaged over the tokens; 1 and 0 leave the plain branch (bit for bit).
+    use_alt: 1 where the layer reads `alt_tokens` instead of `tokens` (precise variants, composition images).
+    alt_tokens: (B, N_img, T, C), shaped like the adapter's tokens.
+    """
+
+    key_scale: jax.Array
+    mean_shift: jax.Array
+    use_alt: jax.Array
+    alt_tokens: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class IPConditioning:
     """Per adapter `a` (one entry each, in the order the adapters were loaded):
 
@@ -27,11 +45,13 @@ class IPConditioning:
         masked image).
     masks[a]: None, or (N_img, H, W) values in [0, 1] at output-image resolution (the same for every batch
         row, negative branch included, as in diffusers); each image then only acts where its mask is set.
+    controls: None (the plain decoupled attention), or per adapter its `LayerControls` (or None).
     """
 
     tokens: tuple[jax.Array, ...]
     scales: tuple[jax.Array, ...]
     masks: tuple[jax.Array | None, ...]
+    controls: tuple[LayerControls | None, ...] | None = None
 
 
 def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:

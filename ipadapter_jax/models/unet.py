@@ -98,7 +98,9 @@ class UNet2DConditionModel(nnx.Module):
                                  sample_BHWC.shape[0], dtype, text_embeds, time_ids)
         context = encoder_hidden_states.astype(dtype)
         if ip is not None:
-            ip = dataclasses.replace(ip, tokens=tuple(t.astype(dtype) for t in ip.tokens))
+            controls = ip.controls and tuple(c and dataclasses.replace(c, alt_tokens=c.alt_tokens.astype(dtype))
+                                             for c in ip.controls)
+            ip = dataclasses.replace(ip, tokens=tuple(t.astype(dtype) for t in ip.tokens), controls=controls)
 
         x = self.conv_in(sample_BHWC.astype(dtype))
         skips = [x]

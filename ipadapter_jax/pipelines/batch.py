@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt, layer_scales
+from ipadapter_jax.pipelines.image_prompt import CONTROL_DEFAULTS, ImagePrompt
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline, Noise
+from ipadapter_jax.pipelines.layer_controls import prompt_layers
 from ipadapter_jax.pipelines.manifest import input_files, read_manifest
 from ipadapter_jax.pipelines.settings import load_array, number
 
@@ -59,8 +60,9 @@ def _image_prompts(item: dict, config) -> list[ImagePrompt]:
             images=[imaging.load_image(p, what="reference image") for p in _as_list(item["images"][a]) or []] or None,
             negative_images=_as_list(item["negative_images"][a]), masks=_as_list(item["masks"][a]),
             face_embeds=None if face is None else load_array(face, "face embedding"), scale=scale,
-            combine=item["combine"])
-        layer_scales(prompt.scale, config, len(prompt.masks) if prompt.masks else None)  # checked per item here
+            combine=item["combine"], composition_images=_as_list(item["composition_images"][a]),
+            **{k: item[k] for k in CONTROL_DEFAULTS})
+        prompt_layers(prompt, config, len(prompt.masks) if prompt.masks else None)  # scales checked per item here
         prompts.append(prompt)
     return prompts
 

@@ -1,6 +1,7 @@
 """Per-adapter image-prompt settings and their host-side preparation: layer scales (float, per layer, per block
-in diffusers' dict form, InstantStyle presets), several reference images and how their embeddings combine,
-negative images, regional masks, and precomputed embeddings saved to and loaded from `.npz`."""
+in diffusers' dict form, InstantStyle presets), weight types, embeds scaling, several reference images and how
+their embeddings combine, negative images (or negative noise), regional masks, tiled references, composition
+images, and precomputed embeddings saved to and loaded from `.npz`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,28 @@ from ipadapter_jax.errors import UserError
 from ipadapter_jax.images import binary_mask, load_image
 from ipadapter_jax.models.adapter_spec import IMAGE_EMBEDS, NO_IMAGE, PENULTIMATE
 from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.pipelines.negative_noise import negative_noise_image, parse_negative_noise
+from ipadapter_jax.pipelines.tiles import TileMask, tile_reference
+from ipadapter_jax.pipelines.weight_types import (
+    COMPOSITION_IMAGE_TYPES,
+    SEPARATE_COMPOSITION,
+    block_weights,
+    parse_layer_weights,
+    weight_type_name,
+)
 
-COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
+COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract", "max", "min")
+EMBEDS_SCALING = ("v", "kv", "kv-penalty", "kv-mean-penalty")
+_SCALING_ALIASES = {"v only": "v", "k+v": "kv", "k+v w/ c penalty": "kv-penalty",
+                    "k+mean(v) w/ c penalty": "kv-mean-penalty"}
+TILES = (None, "off", "auto")
+# the controls a batch manifest item sets for all its adapters (composition_images are per adapter, as images)
+CONTROL_DEFAULTS = {"weight_type": "linear", "composition_weight": None, "layer_weights": None,
+                    "embeds_scaling": "v", "negative_noise": None, "tiles": None}
 
-# InstantStyle (arXiv 2404.02733): inject only into the style block, optionally plus the layout block (SDXL).
-PRESETS: dict[str, dict] = {
-    "style": {"up": {"block_0": [0.0, 1.0, 0.0]}},
-    "style_and_layout": {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}},
-}
+# InstantStyle (arXiv 2404.02733): inject only into the style block, optionally plus the layout block. They are the
+# weight types of the same meaning at weight 1 (pipelines/weight_types.py holds the one table).
+PRESETS: dict[str, str] = {"style": "style transfer", "style_and_layout": "style and composition"}
 
 Scale = float | list | dict | str
 
@@ -33,16 +48,27 @@ class ImagePrompt:
 
     images: reference images (paths, PIL images or arrays); several are concatenated as tokens unless
         `combine` merges their embeddings first (average, norm_average, add, subtract = first minus the mean
-        of the others).
+        of the others, max, min; see `combine_features`).
     face_embeds: (N, 512) InsightFace embeddings for FaceID adapters (e.g. loaded from `.npy`).
     negative_images: images for the unconditional branch instead of the official path (zero embeddings for
         base adapters, the encoder on an all-zero image for Plus).
     embeds: precomputed (negative, positive) features, e.g. from `load_image_embeds`; skips the encoder.
     scale: a float, a list (per layer in official order, or per masked image), diffusers' dict form
         ({"down": {"block_2": [0.0, 1.0]}, "up": {...}, "mid": 0.5}; unlisted blocks are 0), or a preset name
-        ("style", "style_and_layout"; SDXL-shaped UNets).
+        ("style" = weight type "style transfer" at 1, "style_and_layout" = "style and composition" at 1).
     masks: one mask per image (white = where this image acts), for regional prompting.
     shortcut, shortcut_scale: FaceID-PlusV2's `out = id_tokens + s_scale * perceiver(...)`.
+    weight_type: how a float `scale` spreads over the attention blocks (pipelines/weight_types.py: linear, ease in,
+        ..., style transfer, composition, ..., composition precise; spaces, hyphens or underscores).
+    composition_weight: the composition blocks' weight in the types that weight them apart (default: `scale`).
+    layer_weights: "t:v,t:v,..." (or {t: v}): block t gets v * scale, the others nothing (overrides the type's
+        table; a precise type still swaps its branches).
+    composition_images: SDXL, "style and composition" types: their tokens replace the conditional ones on the
+        composition block.
+    embeds_scaling: "v" (the paper's), "kv", "kv-penalty" or "kv-mean-penalty" (pipelines/layer_controls.py).
+    negative_noise: "fade", "dissolve", "gaussian" or "shuffle", optionally ":strength": the unconditional image is
+        made from noise (on the first negative image, or a black one); pipelines/negative_noise.py.
+    tiles: "auto" splits a non-square or large reference into 256-px tiles, each masked to its region.
     """
 
     images: list | None = None
@@ -54,19 +80,53 @@ class ImagePrompt:
     combine: str = "concat"
     shortcut: bool = False
     shortcut_scale: float = 1.0
+    weight_type: str = "linear"
+    composition_weight: float | None = None
+    layer_weights: str | dict | None = None
+    composition_images: list | None = None
+    embeds_scaling: str = "v"
+    negative_noise: str | None = None
+    tiles: str | None = None
 
     def __post_init__(self):
-        if self.images is not None and not isinstance(self.images, (list, tuple)):
-            self.images = [self.images]
-        if self.negative_images is not None and not isinstance(self.negative_images, (list, tuple)):
-            self.negative_images = [self.negative_images]
-        if self.masks is not None and not isinstance(self.masks, (list, tuple)):
-            self.masks = [self.masks]
+        for name in ("images", "negative_images", "masks", "composition_images"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                setattr(self, name, [value])
         if self.combine not in COMBINE_MODES:
             raise UserError(f"combine mode {self.combine!r} is unknown; use one of {', '.join(COMBINE_MODES)}.")
+        self.weight_type = weight_type_name(self.weight_type)
+        self.embeds_scaling = embeds_scaling_name(self.embeds_scaling)
+        if self.composition_images and self.weight_type not in COMPOSITION_IMAGE_TYPES:
+            raise UserError(f"a composition image needs weight type {' or '.join(map(repr, COMPOSITION_IMAGE_TYPES))}, "
+                            f"not {self.weight_type!r}.")
+        if self.composition_weight is not None and self.weight_type not in SEPARATE_COMPOSITION:
+            raise UserError(f"composition_weight applies to the weight types {', '.join(SEPARATE_COMPOSITION)}; "
+                            f"{self.weight_type!r} has no separate composition weight.")
+        if self.layer_weights is not None:
+            parse_layer_weights(self.layer_weights)
+        if self.negative_noise is not None:
+            parse_negative_noise(self.negative_noise)
+        if self.tiles not in TILES:
+            raise UserError(f"tiles {self.tiles!r} is unknown; use 'auto' (or leave it off).")
+        if self.tiles == "auto":
+            self._tile()
         if self.masks is not None and self.combine != "concat":
             raise UserError("masks give each reference image its own region, so they cannot be combined with "
                             f"combine={self.combine!r}; use combine='concat' (the default) with masks.")
+
+    def _tile(self) -> None:
+        """Replace the reference by its tiles and their region masks (once: tiles already made stay)."""
+        if self.masks and all(isinstance(m, TileMask) for m in self.masks):
+            return
+        if self.masks or self.combine != "concat" or self.composition_images:
+            raise UserError("tiles give each tile its own region, so they do not go with masks, combine modes or "
+                            "composition images; drop tiles or those.")
+        if not self.images or len(self.images) != 1:
+            raise UserError(f"tiles split one reference image; give exactly one, not {len(self.images or [])}.")
+        tiled = tile_reference(load_image(self.images[0], what="reference image"))
+        if tiled is not None:
+            self.images, self.masks = tiled
 
     @property
     def num_images(self) -> int:
@@ -78,6 +138,27 @@ class ImagePrompt:
 
     def loaded_images(self):
         return [load_image(i, what="reference image") for i in self.images or []]
+
+    def loaded_composition_images(self):
+        return [load_image(i, what="composition image") for i in self.composition_images or []]
+
+    def unconditional_images(self) -> list | None:
+        """The images of the unconditional branch: the negative images, or the negative-noise image made from the
+        first of them (or from a black 224x224 image); None for the official negative branch."""
+        negatives = [load_image(i, what="negative image") for i in self.negative_images or []]
+        if self.negative_noise is None:
+            return negatives or None
+        kind, strength = parse_negative_noise(self.negative_noise)
+        source = np.asarray(negatives[0], np.float32) / 255 if negatives else None
+        return [load_image(negative_noise_image(kind, strength, source))]
+
+
+def embeds_scaling_name(name: str) -> str:
+    key = str(name).strip().lower()
+    key = _SCALING_ALIASES.get(key, key.replace("_", "-"))
+    if key not in EMBEDS_SCALING:
+        raise UserError(f"embeds scaling {name!r} is unknown; use one of {', '.join(EMBEDS_SCALING)}.")
+    return key
 
 
 def per_adapter(values: list, n: int, what: str, *, once: bool = True) -> list:
@@ -91,24 +172,28 @@ def per_adapter(values: list, n: int, what: str, *, once: bool = True) -> list:
 
 
 def combine_features(features: np.ndarray, mode: str, axis: int = 0) -> np.ndarray:
-    """Merge N reference embeddings (along `axis`) into one, keeping the axis (size 1)."""
-    xp = np
+    """Merge N reference embeddings (along `axis`) into one, keeping the axis (size 1); elementwise over the
+    features: average, add, subtract (the first minus the mean of the others), max, min, and norm_average (the mean
+    of e / ||e|| with the norm taken over the N embeddings, per feature)."""
     features = np.asarray(features, np.float32)
     if mode == "concat" or features.shape[axis] == 1:
         return features
     if mode == "average":
-        return xp.mean(features, axis=axis, keepdims=True)
+        return np.mean(features, axis=axis, keepdims=True)
     if mode == "add":
-        return xp.sum(features, axis=axis, keepdims=True)
+        return np.sum(features, axis=axis, keepdims=True)
     if mode == "subtract":
-        first = xp.take(features, xp.asarray([0]), axis=axis)
-        rest = xp.take(features, xp.arange(1, features.shape[axis]), axis=axis)
-        return first - xp.mean(rest, axis=axis, keepdims=True)
-    if mode == "norm_average":  # mean of unit directions, rescaled to the mean length
-        feature_axes = tuple(range(axis + 1, features.ndim))
-        norms = xp.sqrt(xp.sum(features * features, axis=feature_axes, keepdims=True))
-        unit = features / xp.maximum(norms, 1e-12)
-        return xp.mean(unit, axis=axis, keepdims=True) * xp.mean(norms, axis=axis, keepdims=True)
+        first = np.take(features, np.asarray([0]), axis=axis)
+        rest = np.take(features, np.arange(1, features.shape[axis]), axis=axis)
+        return first - np.mean(rest, axis=axis, keepdims=True)
+    if mode == "max":
+        return np.max(features, axis=axis, keepdims=True)
+    if mode == "min":
+        return np.min(features, axis=axis, keepdims=True)
+    if mode == "norm_average":
+        norms = np.sqrt(np.sum(features * features, axis=axis, keepdims=True))
+        unit = features / np.where(norms > 0, norms, np.float32(1))  # a feature that is 0 in every embedding stays 0
+        return np.mean(unit, axis=axis, keepdims=True)
     raise UserError(f"combine mode {mode!r} is unknown; use one of {', '.join(COMBINE_MODES)}.")
 
 
@@ -164,12 +249,8 @@ def layer_scales(scale: Scale, config: UNetConfig, num_masked_images: int | None
     if isinstance(scale, str):
         if scale not in PRESETS:
             raise UserError(f"IP-Adapter scale preset {scale!r} is unknown; use one of {', '.join(PRESETS)}.")
-        blocks = _attention_blocks(config)
-        if 0 not in blocks["up"] or len(config.block_out_channels) != 3 or blocks["up"][0] != 3:
-            raise UserError(f"the {scale!r} preset (InstantStyle) is defined for SDXL-shaped UNets; pass a scale "
-                            "dict for this UNet instead.")
-        scale = PRESETS[scale]
-    if isinstance(scale, dict):
+        values = block_weights(PRESETS[scale], 1.0, config)[0].tolist()
+    elif isinstance(scale, dict):
         per_block = _expand_dict(scale, config)
         values = [next(v for prefix, v in per_block.items() if p.startswith(prefix + ".")) for p in paths]
     elif isinstance(scale, (list, tuple, np.ndarray)) and num_masked_images is None:
@@ -207,7 +288,7 @@ def _finite(value) -> np.ndarray:
 def ip_masks(masks: list, height: int, width: int) -> np.ndarray:
     """(N, H, W) binary masks at output resolution (diffusers' IPAdapterMaskProcessor: grayscale, Lanczos,
     threshold 0.5)."""
-    return np.stack([binary_mask(m, height, width) for m in masks])
+    return np.stack([binary_mask(m.array() if isinstance(m, TileMask) else m, height, width) for m in masks])
 
 
 def save_image_embeds(path: str | os.PathLike, embeds: list[tuple[np.ndarray, np.ndarray]],

@@ -35,7 +35,8 @@ from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.resnet import nearest_resize
 from ipadapter_jax.pipelines.components import BaseModels, load_base
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks, layer_scales
+from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks
+from ipadapter_jax.pipelines.layer_controls import adapter_controls, composition_tokens, place_controls
 from ipadapter_jax.pipelines.settings import check_fits, check_generation
 from ipadapter_jax.schedulers import make_scheduler
 from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
@@ -170,10 +171,9 @@ class IPAdapterPipeline:
             encode = partial(stages.image_features, self._encoder.graphdef, self._encoder.state, spec)
             pixels = jnp.asarray(pixel_values(self.image_processor, ip.loaded_images()))
             features = encode(pixels)
-            if ip.negative_images:
-                negative_pixels = pixel_values(self.image_processor,
-                                               [imaging.load_image(i, what="negative image")
-                                                for i in ip.negative_images])
+            negative_images = ip.unconditional_images()  # negative images or negative noise
+            if negative_images:
+                negative_pixels = pixel_values(self.image_processor, negative_images)
                 if negative_pixels.shape[0] not in (1, pixels.shape[0]):
                     raise UserError(f"give one negative image or one per reference image ({pixels.shape[0]}), "
                                     f"not {negative_pixels.shape[0]}.")
@@ -366,7 +366,8 @@ class IPAdapterPipeline:
     def _place_conditioning(self, cond: Conditioning) -> Conditioning:
         """Per-row arrays split over the mesh like the batch; scales and masks stay as they are (shared)."""
         rows = cond.context.shape[0]
-        ip = cond.ip and dataclasses.replace(cond.ip, tokens=tuple(self._place(t, rows) for t in cond.ip.tokens))
+        ip = cond.ip and dataclasses.replace(cond.ip, tokens=tuple(self._place(t, rows) for t in cond.ip.tokens),
+                                             controls=place_controls(cond.ip.controls, lambda t: self._place(t, rows)))
         return Conditioning(self._place(cond.context, rows), self._place(cond.pooled, rows),
                             self._place(cond.time_ids, rows), ip)
 
@@ -392,7 +393,8 @@ class IPAdapterPipeline:
                 raise ValueError(f"{len(per_item)} image-prompt lists for a batch of {batch}")
             rows = [self.image_tokens(item) for item in per_item]
             prompts_by_item = per_item
-        negatives, positives, scales, masks = [], [], [], []
+        compositions = [composition_tokens(self, item) for item in prompts_by_item]
+        negatives, positives, scales, masks, neg_controls, pos_controls = [], [], [], [], [], []
         for a in range(len(self.adapters)):
             neg = jnp.concatenate([row[a][0] for row in rows])
             pos = jnp.concatenate([row[a][1] for row in rows])
@@ -405,17 +407,16 @@ class IPAdapterPipeline:
             if first.masks and len(first.masks) != n_images:
                 raise UserError(f"give one mask per reference image: {n_images} images, {len(first.masks)} masks.")
             n_masked = n_images if first.masks else None
-            item_scales = [layer_scales(item[a].scale, self.base.unet.config, n_masked) for item in prompts_by_item]
-            if all(np.array_equal(item_scales[0], x) for x in item_scales):
-                scales.append(jnp.asarray(item_scales[0]))
-            elif n_masked is not None:
-                raise UserError("items with masks in one batch must share their IP-Adapter scales.")
-            else:  # one row of scales per item
-                scales.append(jnp.asarray(np.stack(item_scales)))
+            scale, neg_control, pos_control = adapter_controls(  # weights, weight types, embeds scaling, swaps
+                [item[a] for item in prompts_by_item], [row[a] for row in rows], [c[a] for c in compositions],
+                self.base.unet.config, n_masked)
+            scales.append(scale)
+            neg_controls.append(neg_control)
+            pos_controls.append(pos_control)
             masks.append(jnp.asarray(ip_masks(first.masks, height, width)) if first.masks else None)
         scales, masks = tuple(scales), tuple(masks)
-        return (IPConditioning(tokens=tuple(negatives), scales=scales, masks=masks),
-                IPConditioning(tokens=tuple(positives), scales=scales, masks=masks))
+        return (IPConditioning(tokens=tuple(negatives), scales=scales, masks=masks, controls=tuple(neg_controls)),
+                IPConditioning(tokens=tuple(positives), scales=scales, masks=masks, controls=tuple(pos_controls)))
 
     def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
         """Pure noise (text-to-image), the noised init image (image-to-image), plus mask inputs (inpainting)."""

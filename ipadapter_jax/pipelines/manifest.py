@@ -6,8 +6,10 @@ fails that item alone (with its id and the reason) and never the others.
 Keys: id, prompt, negative_prompt, images (per adapter: a path or a list of paths; a single adapter may take a
 plain path), negative_images, masks, face_embeds (per adapter: a .npy path), combine, scale (a float, or a list
 with one entry per adapter), seed, steps, guidance, guidance_rescale, height, width, scheduler, eta, init_image,
-strength, mask_image, ip_window ([start, end]). Any key left out takes the run's default; relative paths are
-relative to the manifest's folder.
+strength, mask_image, ip_window ([start, end]); and the image-prompt controls, for every adapter of the item:
+weight_type, composition_weight, layer_weights, embeds_scaling, negative_noise, tiles, plus composition_images
+(per adapter, like images). Any key left out takes the run's default; relative paths are relative to the
+manifest's folder.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter_jax.errors import UserError
-from ipadapter_jax.pipelines.image_prompt import COMBINE_MODES, per_adapter
+from ipadapter_jax.pipelines.image_prompt import COMBINE_MODES, CONTROL_DEFAULTS, per_adapter
 from ipadapter_jax.pipelines.settings import check_generation, number
 from ipadapter_jax.schedulers import SCHEDULERS
 
 ITEM_KEYS = ("id", "prompt", "negative_prompt", "images", "negative_images", "masks", "face_embeds", "combine",
              "scale", "seed", "steps", "guidance", "guidance_rescale", "height", "width", "scheduler", "eta",
-             "init_image", "strength", "mask_image", "ip_window")
+             "init_image", "strength", "mask_image", "ip_window", *CONTROL_DEFAULTS, "composition_images")
 DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": None, "scale": 1.0, "seed": 0, "steps": 30,
                             "guidance": 7.5, "guidance_rescale": 0.0, "height": None, "width": None,
                             "scheduler": None, "eta": 0.0, "init_image": None, "strength": None,
-                            "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat"}
-PER_ADAPTER_PATHS = ("images", "negative_images", "masks", "face_embeds")
+                            "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat", **CONTROL_DEFAULTS}
+PER_ADAPTER_PATHS = ("images", "negative_images", "masks", "face_embeds", "composition_images")
 PATHS = ("init_image", "mask_image")
 
 

@@ -149,9 +149,11 @@ def test_combine_modes():
     np.testing.assert_allclose(combine_features(x, "average"), [[4 / 3, 2.0]])
     np.testing.assert_allclose(combine_features(x, "add"), [[4.0, 6.0]])
     np.testing.assert_allclose(combine_features(x, "subtract"), [[1 - 1.5, 0 - 3.0]])
-    mean_norm = (1 + 2 + 5) / 3
-    np.testing.assert_allclose(combine_features(x, "norm_average"), [[(1 + 0 + 0.6) / 3 * mean_norm,
-                                                                       (0 + 1 + 0.8) / 3 * mean_norm]], rtol=1e-6)
+    # the norm over the images, per feature (the reference's definition): columns [1, 0, 3] and [0, 2, 4]
+    np.testing.assert_allclose(combine_features(x, "norm_average"), [[4 / np.sqrt(10) / 3, 6 / np.sqrt(20) / 3]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(combine_features(x, "max"), [[3.0, 4.0]])
+    np.testing.assert_allclose(combine_features(x, "min"), [[0.0, 0.0]])
     np.testing.assert_array_equal(combine_features(x, "concat"), x)
 
 
