@@ -191,7 +191,7 @@ def test_cli_flags_reach_the_image_prompt(sdxl, refs, tmp_path, monkeypatch):
     flags = ["--weight-type", "style_and_composition", "--composition-image", str(refs[1]), "--composition-weight",
              "0.4", "--embeds-scaling", "kv-mean-penalty", "--negative-noise", "dissolve:0.4", "--scale", "0.7"]
     args = ["generate", "--base", str(base), "--image-encoder", str(encoder), "--adapter", str(adapter), "--image",
-            str(refs[0]), "--output-type", "latent", "--out", str(tmp_path / "cli.npy")]
+            str(refs[0]), "--output-type", "latent", "--out", str(tmp_path / "cli.npy"), "--overwrite"]
     assert main([*args, *flags]) == 0
     (prompt,) = calls[0]
     assert (prompt.weight_type, prompt.composition_images, prompt.composition_weight, prompt.embeds_scaling,
