@@ -13,13 +13,15 @@ from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import Conv2d, GroupNorm
+from ipadapter_jax.models.target import set_target
 from ipadapter_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from ipadapter_jax.models.unet_config import UNetConfig
 
 
 class UNet2DConditionModel(nnx.Module):
     def __init__(self, config: UNetConfig, *, num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        """`platform`: what the model is compiled for ("cpu", "gpu", "tpu"; None: portable paths only)."""
         c = config
         self.config = c
         self.num_ip_adapters = num_ip_adapters
@@ -74,6 +76,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2,
                                dtype=dtype, rngs=rngs)
+        set_target(self, platform)
 
     def __call__(self, sample_BHWC: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array, *,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
@@ -127,7 +130,7 @@ def init_ip_from_text(unet: UNet2DConditionModel) -> None:
 
 
 def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-              variant: str | None = None, sharding=None) -> UNet2DConditionModel:
+              platform: str | None = None, variant: str | None = None, sharding=None) -> UNet2DConditionModel:
     """A diffusers `unet/` folder as a Flax UNet; IP-Adapter slots start as copies of `to_k`/`to_v`."""
     from ipadapter_jax.models.layers import IPAdapterParam
     from ipadapter_jax.weights.pretrained import as_dtype, load_component, read_config
@@ -137,7 +140,7 @@ def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_im
     unet = load_component(
         folder,
         lambda: UNet2DConditionModel(config, num_ip_adapters=num_ip_adapters, attention_impl=attention_impl,
-                                     dtype=dt, rngs=nnx.Rngs(0)),
+                                     platform=platform, dtype=dt, rngs=nnx.Rngs(0)),
         basename="diffusion_pytorch_model", dtype=dt, variant=variant, what="UNet", sharding=sharding,
         exclude=IPAdapterParam)
     init_ip_from_text(unet)

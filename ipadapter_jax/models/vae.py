@@ -16,6 +16,7 @@ from flax import nnx
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.layers import Conv2d, abstract_model
+from ipadapter_jax.models.target import set_target
 from ipadapter_jax.models.vae_blocks import Decoder, Encoder
 from ipadapter_jax.weights.torch_layout import KeyPolicy
 
@@ -129,7 +130,7 @@ def unscale_latents(z_BHWC: jax.Array, *, scaling_factor: float, shift_factor: f
 
 class AutoencoderKL(nnx.Module):
     def __init__(self, config: AutoencoderKLConfig, *, attention_impl: Implementation = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
         self.config = c
         common = dict(layers_per_block=c.layers_per_block, groups=c.norm_num_groups,
@@ -141,6 +142,7 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = Conv2d(moments, moments, 1, dtype=dtype, rngs=rngs) if c.use_quant_conv else None
         self.post_quant_conv = (Conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, rngs=rngs)
                                 if c.use_post_quant_conv else None)
+        set_target(self, platform)  # what the model is compiled for (models/target.py)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -215,7 +217,7 @@ class _LinearAttentionWeights(Mapping[str, np.ndarray]):
 
 
 def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_impl: Implementation = "auto",
-             sharding=None) -> AutoencoderKL:
+             platform: str | None = None, sharding=None) -> AutoencoderKL:
     """A diffusers `vae/` folder as a Flax `AutoencoderKL`, computing in `dtype`."""
     from ipadapter_jax.weights.checkpoint_files import open_weights
     from ipadapter_jax.weights.pretrained import as_dtype, read_config
@@ -223,8 +225,8 @@ def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_i
 
     config = AutoencoderKLConfig.from_dict(read_config(folder))
     dt = as_dtype(dtype)
-    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, dtype=dt,
-                                                    rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, platform=platform,
+                                                    dtype=dt, rngs=nnx.Rngs(0)))
     weights = open_weights(folder, "diffusion_pytorch_model", variant)
     return load_state(abstract, _LinearAttentionWeights(weights), dtype=dt, policy=VAE_KEY_POLICY, what="VAE",
                       source=weights.description, sharding=sharding)
