@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> None:
     if key in results and not args.force:
         print(f"stored: {key}\n{json.dumps(results[key], indent=1)}")
         return
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles may run at once; no TPU here
     from ipadapter_jax.planning import GenerateSettings, base_architecture, plan_generate, plan_train, table
 
     if args.job == "train":

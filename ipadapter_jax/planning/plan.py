@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import time
 
 import numpy as np
@@ -19,7 +20,8 @@ from ipadapter_jax.training.config import TrainConfig
 
 def require_libtpu() -> None:
     if importlib.util.find_spec("libtpu") is None:
-        raise UserError(f"planning for TPUs needs libtpu, the TPU compiler, which is not installed: {INSTALL_HINT}.")
+        raise UserError(f"compiling for a TPU slice needs libtpu, the TPU compiler, which is not installed: "
+                        f"{INSTALL_HINT}.")
 
 
 def _mesh(devices: list, data: int, fsdp: int) -> Mesh:
@@ -93,6 +95,9 @@ def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: To
 def plan_from_args(args) -> str:
     """The `ipadapter-jax plan` command's output (table, or JSON with `--json`) from its parsed arguments."""
     require_libtpu()
+    # No TPU is opened here, only its compiler: let plans run beside other libtpu processes (libtpu otherwise
+    # takes a machine-wide lock meant for the chips). Read when libtpu starts, so before the first compile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = parse_topology(args.topology, args.slices)
     if args.job == "train":
         if args.config is None:
@@ -108,6 +113,7 @@ def plan_from_args(args) -> str:
         settings = steps.GenerateSettings(
             height=args.height or size, width=args.width or size, steps=args.steps, guidance=args.guidance,
             batch_per_chip=args.batch_per_chip, dtype=args.dtype,
-            adapter=None if args.adapter == "none" else args.adapter, num_tokens=args.num_tokens, scheduler=args.scheduler, attention=args.attention, fsdp=args.fsdp)
+            adapter=None if args.adapter == "none" else args.adapter, num_tokens=args.num_tokens,
+            scheduler=args.scheduler, attention=args.attention, fsdp=args.fsdp)
         estimate = plan_generate(args.base, settings, topology, args.image_encoder)
     return report.dumps(estimate) if args.json else report.table(estimate)

@@ -64,17 +64,16 @@ class Topology:
 
     def devices(self) -> list:
         """The slice's devices as the TPU compiler sees them (needs libtpu; no TPU)."""
-        try:
-            from jax.experimental import topologies
+        import importlib.util
 
-            desc = topologies.get_topology_desc(
-                platform="tpu", topology_name=self.name, chip_config_name="default",
-                chips_per_host_bounds=_host_bounds(self.shape), num_slices=self.num_slices)
-        except (RuntimeError, ValueError, ImportError) as e:
-            if "tpu" in str(e).lower() and ("plugin" in str(e).lower() or "backend" in str(e).lower()
-                                            or "libtpu" in str(e).lower() or "unknown" in str(e).lower()):
-                raise UserError(f"compiling for a TPU slice needs libtpu, the TPU compiler: {INSTALL_HINT}.") from None
-            raise
+        if importlib.util.find_spec("libtpu") is None:
+            raise UserError(f"compiling for a TPU slice needs libtpu, the TPU compiler, which is not installed: "
+                            f"{INSTALL_HINT}.")
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=self.name, chip_config_name="default",
+            chips_per_host_bounds=_host_bounds(self.shape), num_slices=self.num_slices)
         return list(desc.devices)
 
 
