@@ -124,6 +124,10 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
     flops = float(cost.get("flops", 0.0))
     model_flops = flops - sum(k.flops - k.useful_flops for k in kernels.values())
     mesh = program.mesh
+    notes = list(notes or [])
+    if float(cost.get("optimal_seconds", 0.0)) <= 0:
+        notes.append("the compiler returned no usable time estimate (optimal_seconds <= 0: it could not cost a "
+                     "custom kernel on this chip); MFU, images/s and hours are not meaningful")
     return Estimate(
         program=program.name, topology=topology.name, accelerator_type=topology.accelerator_type,
         mesh={str(a): int(n) for a, n in mesh.shape.items()},
@@ -136,7 +140,7 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
         bytes_accessed_per_chip_step=float(cost.get("bytes accessed", 0.0)),
         est_step_s=float(cost.get("optimal_seconds", 0.0)), peak_flops_per_chip=topology.chip.peak_bf16_flops,
         items_per_step=program.items_per_step, unet_calls_per_item=program.unet_calls, kernels=kernels,
-        total_steps=total_steps, notes=list(notes or []), kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s)
+        total_steps=total_steps, notes=notes, kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s)
 
 
 def _gib(n: float) -> str:
