@@ -4,8 +4,10 @@ with the query blocks innermost, dQ with the key blocks innermost), tied togethe
 Layout: rows (B*H, L, D). Query and key lengths are padded to whole blocks (padded keys are masked, padded
 queries are sliced off); the head width is padded with zeros to the 128-lane width (`pad_head=True`, SD1.5's
 40 -> 128, SDXL's 64 -> 128) or kept as the block's full last dimension, which Mosaic pads in registers
-(`pad_head=False`, the default): the MXU does the same work either way, the second moves fewer bytes through
-HBM, and the compiler estimates it faster at every SD1.5 and SDXL shape (bench/tpu_kernel_results.json).
+(`pad_head=False`): the MXU does the same work either way, the second moves fewer bytes through HBM. Chosen by
+the compiler's estimates (bench/tpu_kernel_results.json): narrow on v5p, faster at every SD1.5 and SDXL shape;
+padded on v5e and v6e, faster there, and the only layout their cost model can price at SD sizes (narrow
+kernels come back without an estimate). `sharded_flash_attention` picks it from the mesh's device kind.
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -29,6 +31,7 @@ LANES = 128
 KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq")
 _MASKED = -1e30  # logits of padded keys: exp() underflows to exactly 0
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NARROW_HEADS = ("TPU v5",)  # device kinds whose kernels keep heads narrow (v5p; "TPU v5 lite" is v5e), see above
 
 
 def _round_up(x: int, m: int) -> int:
@@ -242,7 +245,7 @@ def _flash_bwd(t: Tiling, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = False,
+def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
            interpret: bool = False) -> Tiling:
     """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D)."""
     b, l, h, d = q_shape
@@ -254,7 +257,7 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
                   itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d)
 
 
-def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = False,
+def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
                     interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
@@ -284,6 +287,8 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     context mesh the program is taken to run on one device.
     """
     mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    kwargs.setdefault("pad_head", getattr(device, "device_kind", None) not in NARROW_HEADS)
     axes = () if mesh.empty else tuple(
         a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
     size = 1
