@@ -1,5 +1,7 @@
-"""Flash attention for TPU as Pallas (Mosaic) kernels: a forward kernel and a backward in two kernels (dK/dV
-with the query blocks innermost, dQ with the key blocks innermost), tied together by `jax.custom_vjp`.
+"""Flash attention for TPU as Pallas (Mosaic) kernels: a forward kernel and a backward kernel, tied together by
+`jax.custom_vjp`. The backward is one kernel (key blocks outer, query blocks inner) that accumulates dK/dV per key
+block and dQ for the row's whole query length on chip, recomputing the scores once: 10 LSD matrix FLOPs where the
+classic two-kernel split (dK/dV, then dQ; `fused_backward=False`) issues 14, estimated ~20% faster on v5p.
 
 Layout: rows (B*H, L, D). Query and key lengths are padded to whole blocks (padded keys are masked, padded
 queries are sliced off); the head width is padded with zeros to the 128-lane width (`pad_head=True`, SD1.5's
@@ -28,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
-KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq")
+KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq", "ipadapter_flash_bwd")
 _MASKED = -1e30  # logits of padded keys: exp() underflows to exactly 0
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NARROW_HEADS = ("TPU v5",)  # device kinds whose kernels keep heads narrow (v5p; "TPU v5 lite" is v5e), see above
@@ -53,6 +55,7 @@ class Tiling:
     interpret: bool = False
     q_real: int = 0  # unpadded query length and head width (0: as padded), for the useful-FLOP count
     head_real: int = 0
+    fused_backward: bool = False  # one backward kernel, dQ accumulated on chip for the whole query length
 
     @property
     def mxu_dim(self) -> int:
@@ -84,6 +87,11 @@ def kernel_costs(t: Tiling) -> dict[str, pl.CostEstimate]:
         "ipadapter_flash_dq": pl.CostEstimate(
             flops=6 * lsd, transcendentals=exps,
             bytes_accessed=3 * q_bytes + 2 * stats + n_q * 2 * k_bytes),
+        # Fused: s recomputed once; dv, dp, dk and dq; k, v read and dk, dv, dq written once; q, do and both
+        # statistics re-read per key block.
+        "ipadapter_flash_bwd": pl.CostEstimate(
+            flops=10 * lsd, transcendentals=exps,
+            bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + 2 * stats)),
     }
 
 
@@ -91,7 +99,7 @@ def useful_flops(t: Tiling) -> dict[str, int]:
     """FLOPs of the attention math at its real sizes, as XLA counts its own path: 4LSD forward, 8LSD backward
     (dV, dP, dK in the dK/dV kernel; dQ in the dQ kernel). The kernels' recomputation is not counted."""
     lsd = t.rows * (t.q_real or t.q_len) * t.kv_real * (t.head_real or t.head_dim)
-    return {KERNEL_NAMES[0]: 4 * lsd, KERNEL_NAMES[1]: 6 * lsd, KERNEL_NAMES[2]: 2 * lsd}
+    return {KERNEL_NAMES[0]: 4 * lsd, KERNEL_NAMES[1]: 6 * lsd, KERNEL_NAMES[2]: 2 * lsd, KERNEL_NAMES[3]: 8 * lsd}
 
 
 def _meta(t: Tiling, name: str) -> dict[str, str]:
@@ -174,6 +182,56 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *
         dq_ref[0] = dq_sc[...].astype(dq_ref.dtype)
 
 
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, *,
+                t: Tiling):
+    """Grid (rows, key blocks, query blocks): dK/dV accumulate over the inner query blocks, dQ over the key
+    blocks in a scratch that holds the row's whole query length, written out after the last key block."""
+    kv, qb = pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(pl.multiple_of(qb * t.block_q, t.block_q), t.block_q)
+
+    @pl.when((kv == 0) & (qb == 0))
+    def _init_dq():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @pl.when(qb == 0)
+    def _init_dkv():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    q, k, do = q_ref[0], k_ref[0], do_ref[0]
+    p, ds = _probs_and_ds(q, k, v_ref[0], do, lse_ref[0], delta_ref[0], kv, t)
+    dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dq_sc[rows, :] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(qb == t.q_len // t.block_q - 1)
+    def _finish_dkv():
+        dk_ref[0] = dk_sc[...].astype(dk_ref.dtype)
+        dv_ref[0] = dv_sc[...].astype(dv_ref.dtype)
+
+    @pl.when(kv == t.kv_len // t.block_k - 1)
+    def _finish_dq():
+        dq_ref[0, rows, :] = dq_sc[rows, :].astype(dq_ref.dtype)
+
+
+def _backward_fused(q, k, v, do, lse, delta, t: Tiling):
+    f32 = jnp.float32
+    whole = pl.BlockSpec((1, t.q_len, t.head_dim), lambda r, i, j: (r, 0, 0))
+    params = None if t.interpret else pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary"))
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, t=t), grid=(t.rows, t.kv_len // t.block_k, t.q_len // t.block_q),
+        in_specs=[_q_spec(t, 2, t.head_dim), _k_spec(t, 1), _k_spec(t, 1), _q_spec(t, 2, t.head_dim),
+                  _q_spec(t, 2, LANES), _q_spec(t, 2, LANES)],
+        out_specs=[whole, _k_spec(t, 1), _k_spec(t, 1)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((t.q_len, t.head_dim), f32), pltpu.VMEM((t.block_k, t.head_dim), f32),
+                        pltpu.VMEM((t.block_k, t.head_dim), f32)],
+        compiler_params=params, interpret=t.interpret, name=KERNEL_NAMES[3], metadata=_meta(t, KERNEL_NAMES[3]),
+        cost_estimate=kernel_costs(t)[KERNEL_NAMES[3]])(q, k, v, do, lse, delta)
+
+
 def _params(t: Tiling):
     return None if t.interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
@@ -238,15 +296,16 @@ def _flash_fwd(q, k, v, t: Tiling):
 
 def _flash_bwd(t: Tiling, residuals, do):
     q, k, v, o, lse = residuals
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    return _backward(q, k, v, do, lse, jnp.broadcast_to(delta, lse.shape), t)
+    delta = jnp.broadcast_to(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True),
+                             lse.shape)
+    return (_backward_fused if t.fused_backward else _backward)(q, k, v, do, lse, delta, t)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
-           interpret: bool = False) -> Tiling:
+           fused_backward: bool = True, interpret: bool = False) -> Tiling:
     """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D)."""
     b, l, h, d = q_shape
     s = k_shape[1]
@@ -254,18 +313,19 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
     bk = min(block_k, _round_up(s, LANES))
     return Tiling(rows=b * h, q_len=_round_up(l, bq), kv_len=_round_up(s, bk), kv_real=s,
                   head_dim=_round_up(d, LANES) if pad_head else d, block_q=bq, block_k=bk,
-                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d)
+                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
+                  fused_backward=fused_backward)
 
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
-                    interpret: bool = False):
+                    fused_backward: bool = True, interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
     q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
     in Pallas' interpreter (any backend, for tests)."""
     b, l, h, d = q_BLHD.shape
     t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
-               interpret=interpret)
+               fused_backward=fused_backward, interpret=interpret)
     scale = jnp.asarray(d**-0.5, q_BLHD.dtype)
 
     def rows(x_BXHD, length):

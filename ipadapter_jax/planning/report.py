@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -125,9 +126,14 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
     model_flops = flops - sum(k.flops - k.useful_flops for k in kernels.values())
     mesh = program.mesh
     notes = list(notes or [])
-    if float(cost.get("optimal_seconds", 0.0)) <= 0:
-        notes.append("the compiler returned no usable time estimate (optimal_seconds <= 0: it could not cost a "
-                     "custom kernel on this chip); MFU, images/s and hours are not meaningful")
+    seconds = float(cost.get("optimal_seconds", 0.0))
+    if seconds < 0:
+        # This libtpu prices an operation it cannot model (seen on v5e/v6e, for XLA's own attention fusions too)
+        # at -1 s. A step under a second with N of them reads between -N and 1 - N: add N back, pricing them at 0.
+        unpriced = math.ceil(-seconds)
+        seconds += unpriced
+        notes.append(f"the compiler could not price {unpriced} operation(s) on this chip (it returns -1 s for "
+                     "each); they are counted as free, so the time is a lower bound and MFU an upper bound")
     return Estimate(
         program=program.name, topology=topology.name, accelerator_type=topology.accelerator_type,
         mesh={str(a): int(n) for a, n in mesh.shape.items()},
@@ -138,7 +144,7 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
         hbm_code_bytes=int(memory.generated_code_size_in_bytes),
         flops_per_chip_step=flops, model_flops_per_chip_step=model_flops,
         bytes_accessed_per_chip_step=float(cost.get("bytes accessed", 0.0)),
-        est_step_s=float(cost.get("optimal_seconds", 0.0)), peak_flops_per_chip=topology.chip.peak_bf16_flops,
+        est_step_s=seconds, peak_flops_per_chip=topology.chip.peak_bf16_flops,
         items_per_step=program.items_per_step, unet_calls_per_item=program.unet_calls, kernels=kernels,
         total_steps=total_steps, notes=notes, kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s)
 

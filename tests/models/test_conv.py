@@ -28,7 +28,8 @@ def test_gemm_input_gradient_matches_xla(shape, kernel, padding):
     def xla(x, w):
         return jnp.sum(conv._conv(x, w, 1, padding, None) * g)
 
-    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True), conv._conv(x, w, 1, padding, None), rtol=0, atol=0)
+    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True),
+                               conv._conv(x, w, 1, padding, None), rtol=0, atol=0)
     (dx, dw), (ref_dx, ref_dw) = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(xla, (0, 1)))(x, w)
     assert _rel(dx, ref_dx) < 1e-6
     assert _rel(dw, ref_dw) < 1e-6

@@ -40,13 +40,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernels_match_xla_forward_and_gradients(case):
+@pytest.mark.parametrize(("case", "fused"), [(c, True) for c in CASES] + [
+    ("self, padded rows and SD1.5 heads", False), ("cross, 77 text tokens", False)])  # the two-kernel backward
+def test_kernels_match_xla_forward_and_gradients(case, fused):
     b, l, s, h, d, pad_head = CASES[case]
     q, k, v = _qkv(b, l, s, h, d)
 
     def flash(q, k, v):
-        return pa.flash_attention(q, k, v, block_q=128, block_k=128, pad_head=pad_head, interpret=True)
+        return pa.flash_attention(q, k, v, block_q=128, block_k=128, pad_head=pad_head, fused_backward=fused,
+                                  interpret=True)
 
     assert rel_err(jax.jit(flash)(q, k, v), _plain(q, k, v)) < 1e-5
     ours = jax.jit(jax.grad(_loss(flash), argnums=(0, 1, 2)))(q, k, v)
@@ -81,6 +83,7 @@ def test_declared_costs_count_the_issued_work():
     assert costs["ipadapter_flash_fwd"].flops == 4 * lsd
     assert costs["ipadapter_flash_dkv"].flops == 8 * lsd
     assert costs["ipadapter_flash_dq"].flops == 6 * lsd
+    assert costs["ipadapter_flash_bwd"].flops == 10 * lsd  # fused: s recomputed once, not twice
     # Bytes: at least every operand once (q, k, v, o in bf16 and the float32 log-sum-exp), plus the re-reads
     # of k and v for each of the 8 query blocks.
     qkvo = 4 * 16 * 4096 * 128 * 2

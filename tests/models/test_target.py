@@ -49,8 +49,8 @@ def test_tpu_target_traced_on_a_cpu_host_uses_the_pallas_kernels():
     is checked in tests/planning/test_tpu_plan.py, which needs libtpu)."""
     grad, args = _training_gradient("tpu")
     jaxpr = str(jax.make_jaxpr(grad)(*args))
-    assert jaxpr.count("pallas_call") >= 3  # forward, dK/dV and dQ of the 1024-token self-attention
-    assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_dq" in jaxpr
+    assert jaxpr.count("pallas_call") >= 2  # forward and backward of the 1024-token self-attention
+    assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_bwd" in jaxpr
 
 
 def test_set_target_makes_static_choices_on_every_module():
