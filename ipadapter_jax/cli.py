@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float16 halves the cache (worth it for Plus features, 257x1280 per image)")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.add_argument("overrides", nargs="*")
+
+    from ipadapter_jax.evaluation.command import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser("evaluate", help="CLIP-I / CLIP-T of generated images; `evaluate coco` "
+                                                           "runs the paper's COCO2017 protocol"))
     return parser
 
 
@@ -268,8 +273,14 @@ def _demo(args) -> None:
     run_demo(args.out, train=not args.no_train)
 
 
+def _evaluate(args) -> None:
+    from ipadapter_jax.evaluation.command import run
+
+    run(args)
+
+
 COMMANDS = {"demo": _demo, "generate": _generate, "batch": _batch, "convert": _convert, "prepare-data": _prepare,
-            "train": _train, "cache-encoders": _cache}
+            "train": _train, "cache-encoders": _cache, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

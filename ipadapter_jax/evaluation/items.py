@@ -28,7 +28,7 @@ class EvalItem:
     image: Path
     references: tuple[Path, ...]
     captions: tuple[str, ...]
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # carried into the scores (e.g. the seed)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other manifest keys, carried into the scores
 
 
 def _as_list(value) -> list:
@@ -44,14 +44,17 @@ def _path(root: Path, value, where: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _item(raw: dict, root: Path, where: str, default_id: str) -> EvalItem:
+_KEYS = ("id", "image", "references", "reference", "captions", "caption")
+
+
+def _item(raw: dict, root: Path, where: str, default_id: str, extra_keys=None) -> EvalItem:
     if "image" not in raw:
         raise UserError(f"{where} has no 'image' (the generated image to score).")
     references = _as_list(raw.get("references", raw.get("reference")))
     captions = [str(c) for c in _as_list(raw.get("captions", raw.get("caption"))) if str(c).strip()]
     if not references and not captions:
         raise UserError(f"{where} has neither 'references' nor 'captions'; give at least one.")
-    extra = {k: raw[k] for k in ("seed", "scale", "prompt") if k in raw}
+    extra = {k: v for k, v in raw.items() if k not in _KEYS and (extra_keys is None or k in extra_keys)}
     return EvalItem(id=str(raw.get("id", default_id)), image=_path(root, raw["image"], where),
                     references=tuple(_path(root, r, where) for r in references), captions=tuple(captions),
                     extra=extra)
@@ -87,7 +90,7 @@ def _sidecar_item(image: Path, sidecar: Path) -> EvalItem:
     if captions is None and str(raw.get("prompt") or "").strip():
         captions = [raw["prompt"]]
     fields = {**raw, "image": str(image), "references": references, "captions": captions}
-    return _item(fields, sidecar.parent, f"sidecar {sidecar}", image.stem)
+    return _item(fields, sidecar.parent, f"sidecar {sidecar}", image.stem, extra_keys=("seed", "scale", "prompt"))
 
 
 def read_folder(folder: Path) -> list[EvalItem]:
@@ -117,3 +120,19 @@ def read_items(source: str | Path) -> list[EvalItem]:
             raise UserError(f"{path}: item id {item.id!r} appears twice; ids must be unique.")
         seen.add(item.id)
     return items
+
+
+def check_images(items: list[EvalItem]) -> None:
+    """Fail before any work if an image is missing or will not open (headers only: cheap)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for item in items:
+        for path, what in [(item.image, "generated image")] + [(r, "reference image") for r in item.references]:
+            if not path.is_file():
+                raise UserError(f"{what} {path} (item {item.id}) does not exist; check the path.")
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                raise UserError(f"{what} {path} (item {item.id}) is not a readable image ({e}); use a PNG, JPEG or "
+                                "WebP file.") from None

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ipadapter_jax.evaluation.clip_scores import CLIPScorer, clipscore, cosine
-from ipadapter_jax.evaluation.items import EvalItem
+from ipadapter_jax.evaluation.items import EvalItem, check_images
 from ipadapter_jax.evaluation.report import Stat, format_table, summarise, write_jsonl
 
 METRICS = ("clip_i", "clip_t", "clip_t_cosine")
@@ -51,6 +51,7 @@ def _embed_images(scorer: CLIPScorer, paths: Sequence[Path], what: str, bar) -> 
 def score_items(scorer: CLIPScorer, items: Sequence[EvalItem], *, out: str | Path | None = None,
                 progress: bool = True) -> Scores:
     """CLIP-I / CLIP-T of every item; the per-item rows go to ``out`` (JSONL, written atomically) if given."""
+    check_images(list(items))
     references = sorted({r for item in items for r in item.references})
     captions = sorted({c for item in items for c in item.captions})
     with tqdm(total=len(items) + len(references), desc="CLIP embeddings", unit="img", disable=not progress) as bar:

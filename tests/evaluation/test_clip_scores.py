@@ -4,18 +4,12 @@ folder in the transformers format (config, weights, tokenizer, image processor).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
-from reference_models import randomize_, rel_err
+from reference_models import rel_err
 
 from ipadapter_jax.evaluation.clip_scores import CLIPScorer, clipscore, cosine
-from ipadapter_jax.tiny_models import write_tiny_tokenizer
 
 TOL = 1e-5
-TEXT = dict(vocab_size=518, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=516, eos_token_id=517, pad_token_id=517)
-VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-              num_attention_heads=4)
 CAPTIONS = ["a red square", "two cats on a sofa, one asleep", "", "x" * 200]  # empty; longer than 77 tokens
 
 
@@ -23,22 +17,6 @@ def _images(n: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     sizes = [(40, 48), (32, 32), (57, 33), (64, 64)]
     return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory, torch):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    ref = randomize_(CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)), seed=5)
-    with torch.no_grad():  # random final-norm biases give every embedding one shared direction: all cosines
-        ref.vision_model.post_layernorm.bias.zero_()  # would then have one sign
-        ref.text_model.final_layer_norm.bias.zero_()
-    ref.eval().save_pretrained(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder / "tok")))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder, ref
 
 
 def test_embeddings_and_scores_match_transformers(clip_folder, torch):
