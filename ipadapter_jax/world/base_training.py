@@ -1,7 +1,8 @@
 """Training the shapes world's base text-to-image UNet (for this toy world only; real bases are never
 trained here): the frozen exact VAE and text encoder encode the whole dataset once, then an AdamW loop fits
-the UNet's epsilon prediction (`ddpm_add_noise`, uniform timesteps), with 10% of captions dropped to the
-empty prompt so that classifier-free guidance works. Writes `unet/diffusion_pytorch_model.safetensors`.
+the UNet's prediction (`ddpm_add_noise`, uniform timesteps, the scheduler config's prediction type), with 10%
+of captions dropped to the empty prompt so that classifier-free guidance works. Writes
+`unet/diffusion_pytorch_model.safetensors`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from tqdm import tqdm
 
 from ipadapter_jax.pipelines.prompts import encode as encode_text
 from ipadapter_jax.pipelines.prompts import tokenize
-from ipadapter_jax.schedulers import alphas_cumprod_for_config, ddpm_add_noise
+from ipadapter_jax.schedulers import alphas_cumprod_for_config, ddpm_add_noise, training_target
 from ipadapter_jax.world.scenes import Scene, render
 
 
 @dataclasses.dataclass(frozen=True)
 class BaseTrainConfig:
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -63,7 +64,9 @@ def train_base_unet(folder: str | Path, scenes: list[Scene], config: BaseTrainCo
     folder = Path(folder)
     start = time.perf_counter()
     latents, contexts, empty = encode_dataset(folder, scenes)
-    alphas = jnp.asarray(alphas_cumprod_for_config(read_config(folder / "scheduler", "scheduler_config.json")))
+    scheduler = read_config(folder / "scheduler", "scheduler_config.json")
+    alphas = jnp.asarray(alphas_cumprod_for_config(scheduler))
+    prediction_type = scheduler.get("prediction_type", "epsilon")
     unet = UNet2DConditionModel(UNetConfig.from_dict(read_config(folder / "unet")), rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(unet)
     schedule = optax.join_schedules([optax.linear_schedule(0.0, config.lr, config.warmup_steps),
@@ -81,7 +84,7 @@ def train_base_unet(folder: str | Path, scenes: list[Scene], config: BaseTrainCo
         drop = jax.random.uniform(k_drop, (x0.shape[0], 1, 1)) < config.p_drop_text
         context = jnp.where(drop, data[2][None], context)
         pred = nnx.merge(graphdef, params)(ddpm_add_noise(alphas, x0, noise, t), t, context)
-        return jnp.mean(jnp.square(pred - noise))
+        return jnp.mean(jnp.square(pred - training_target(prediction_type, alphas, x0, noise, t)))
 
     @jax.jit
     def step(params, opt_state, i):

@@ -56,7 +56,14 @@ IMAGE_ENCODER = {
     "layer_norm_eps": 1e-5,
     "num_channels": 3,
 }
-SCHEDULER_CONFIG = {**SCHEDULER, "_class_name": "DDIMScheduler", "clip_sample": False}
+# Cosine noise (Nichol & Dhariwal: meant for low resolutions) with v-prediction, sampled from t = 999
+# ("trailing"). With Stable Diffusion's scaled-linear schedule a 16 x 16 latent of flat colours keeps its mean
+# colour visible in x_t even at t = 999, so training never needs the condition to decide colours; sampling
+# then takes them from the initial noise. Here the highest noise levels hide them and v-prediction (not
+# epsilon, whose x0 estimate is unstable there) must predict them from the conditioning.
+SCHEDULER_CONFIG = {**SCHEDULER, "_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                    "prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 0,
+                    "clip_sample": False, "set_alpha_to_one": False}
 
 
 def write_world_base(folder: str | Path, unet_weights: str | Path | None = SHIPPED_UNET) -> Path:

@@ -41,9 +41,11 @@ def toy_scores(images: Sequence, scenes: Sequence[Scene]) -> ToyScores:
                      attributes=attributes, n=len(scenes), images=list(images))
 
 
-def generate(pipe, scenes: Sequence[Scene], *, scale: float, steps: int = STEPS, guidance: float = GUIDANCE,
-             seed: int = 0, batch_size: int = 16) -> list:
-    """One image per scene from its caption, with its rendering as the image prompt at `scale`."""
+def generate(pipe, scenes: Sequence[Scene], *, scale: float | Sequence[float], steps: int = STEPS,
+             guidance: float = GUIDANCE, seed: int = 0, batch_size: int = 16) -> list:
+    """One image per scene from its caption, with its rendering as the image prompt at `scale` (one value, or
+    one per scene); scene i uses seed `seed + i`."""
+    scales = [float(scale)] * len(scenes) if np.ndim(scale) == 0 else [float(s) for s in scale]
     from ipadapter_jax.pipelines.image_prompt import ImagePrompt
     from ipadapter_jax.pipelines.images import to_pil
     from ipadapter_jax.pipelines.ip_adapter_pipeline import Noise
@@ -53,10 +55,10 @@ def generate(pipe, scenes: Sequence[Scene], *, scale: float, steps: int = STEPS,
     shape = (SIZE // f, SIZE // f, pipe.base.vae.config.latent_channels)
     out = []
     for i in range(0, len(scenes), batch_size):
-        chunk = list(scenes[i : i + batch_size])
+        chunk = list(zip(scenes[i : i + batch_size], scales[i : i + batch_size], strict=True))
         padded = chunk + [chunk[-1]] * (-len(chunk) % pipe.mesh.size)
-        per_item = [[ImagePrompt(images=[render(s)], scale=scale)] for s in padded]
-        pixels, _ = pipe.generate_batch([s.caption for s in padded], None, [], per_item=per_item,
+        per_item = [[ImagePrompt(images=[render(s)], scale=x)] for s, x in padded]
+        pixels, _ = pipe.generate_batch([s.caption for s, _ in padded], None, [], per_item=per_item,
                                         noise=Noise.from_seeds([seed + i + k for k in range(len(padded))], shape),
                                         num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=0.0,
                                         height=SIZE, width=SIZE)
