@@ -66,7 +66,7 @@ class CLIPScorer:
                         batch_size: int = 32) -> CLIPScorer:
         """Both towers of a transformers `CLIPModel` (a folder or hub id) with its tokenizer and processor."""
         from ipadapter_jax.data.transforms import clip_image_processor
-        from ipadapter_jax.models.clip_text import CLIPTextModelWithProjection, load_text_encoder
+        from ipadapter_jax.models.clip_text import load_text_encoder
         from ipadapter_jax.models.clip_vision import load_image_encoder
         from ipadapter_jax.weights.hub import resolve
 
@@ -74,8 +74,7 @@ class CLIPScorer:
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder} has no config.json; pass a transformers CLIPModel folder or hub id "
                             f"(e.g. {DEFAULT_CLIP}).")
-        text = load_text_encoder(folder, dtype=dtype, with_projection=True)
-        assert isinstance(text, CLIPTextModelWithProjection)
+        text = load_text_encoder(folder, dtype=dtype, with_projection=True)  # text_projection is required
         vision = load_image_encoder(folder, dtype=dtype)
         return cls(text, vision, _tokenizer(folder), clip_image_processor(str(folder), vision.image_size),
                    mesh=mesh, batch_size=batch_size)

@@ -39,7 +39,9 @@ def to_float16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def regenerate(work: Path, *, base_overrides=(), adapter_overrides=(), assets: Path = ASSETS) -> dict:
+def regenerate(work: Path, *, base_overrides=(), adapter_overrides=(), assets: Path = ASSETS,
+               base_unet: Path | None = None) -> dict:
+    """Train the base (or take `base_unet`, a UNet trained with the same recipe) and the adapter; evaluate."""
     from ipadapter_jax.config import load_config
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
     from ipadapter_jax.training import load_train_config, train
@@ -47,13 +49,17 @@ def regenerate(work: Path, *, base_overrides=(), adapter_overrides=(), assets: P
     from ipadapter_jax.world.evaluate import evaluate_world
 
     record: dict = {"command": "python -m ipadapter_jax.world.assets"}
-    base = write_world_base(work / "base", unet_weights=None)
-    rng = np.random.default_rng(BASE_SEED)
-    config = load_config(BaseTrainConfig, RECIPES / "world_base.yaml", list(base_overrides))
-    record["base"] = train_base_unet(base, [random_scene(rng) for _ in range(BASE_SCENES)], config)
     assets.mkdir(parents=True, exist_ok=True)
     unet = assets / SHIPPED_UNET.name
-    shutil.copyfile(base / "unet" / "diffusion_pytorch_model.safetensors", unet)
+    if base_unet is None:
+        base = write_world_base(work / "base", unet_weights=None)
+        rng = np.random.default_rng(BASE_SEED)
+        config = load_config(BaseTrainConfig, RECIPES / "world_base.yaml", list(base_overrides))
+        record["base"] = train_base_unet(base, [random_scene(rng) for _ in range(BASE_SCENES)], config)
+        base_unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    else:
+        record["base"] = {"given": str(base_unet)}
+    shutil.copyfile(base_unet, unet)
     start = time.perf_counter()
     result = train(load_train_config(RECIPES / "world_adapter.yaml",
                                      [f"workdir={work / 'adapter'}", f"model.base=world:{unet}", *adapter_overrides]))
@@ -72,9 +78,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ipadapter_jax.world.assets", description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where to write (default: the package's)")
+    parser.add_argument("--base-unet", type=Path, help="skip the base training: a UNet file trained with "
+                                                       "train/world_base.yaml")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        record = regenerate(args.work or Path(tmp), assets=args.assets)
+        record = regenerate(args.work or Path(tmp), assets=args.assets, base_unet=args.base_unet)
     print(json.dumps(record["toy_metrics"], indent=1))
 
 

@@ -53,9 +53,10 @@ def encode_dataset(folder: Path, scenes: list[Scene]) -> tuple[np.ndarray, np.nd
 
 
 def train_base_unet(folder: str | Path, scenes: list[Scene], config: BaseTrainConfig = BaseTrainConfig(), *,
-                    progress: bool = True) -> dict:
-    """Train `folder/unet` (config.json already there) from a random init on `scenes`; returns a summary."""
-    from ipadapter_jax.models.unet import UNet2DConditionModel
+                    resume: bool = False, progress: bool = True) -> dict:
+    """Train `folder/unet` (config.json already there) on `scenes`, from a random init or (`resume`) from the
+    weights already there; returns a summary."""
+    from ipadapter_jax.models.unet import UNet2DConditionModel, load_unet
     from ipadapter_jax.models.unet_config import UNetConfig
     from ipadapter_jax.weights.pretrained import read_config
     from ipadapter_jax.weights.safetensors_io import save_safetensors
@@ -67,7 +68,10 @@ def train_base_unet(folder: str | Path, scenes: list[Scene], config: BaseTrainCo
     scheduler = read_config(folder / "scheduler", "scheduler_config.json")
     alphas = jnp.asarray(alphas_cumprod_for_config(scheduler))
     prediction_type = scheduler.get("prediction_type", "epsilon")
-    unet = UNet2DConditionModel(UNetConfig.from_dict(read_config(folder / "unet")), rngs=nnx.Rngs(config.seed))
+    if resume:
+        unet = load_unet(folder / "unet")
+    else:
+        unet = UNet2DConditionModel(UNetConfig.from_dict(read_config(folder / "unet")), rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(unet)
     schedule = optax.join_schedules([optax.linear_schedule(0.0, config.lr, config.warmup_steps),
                                      optax.cosine_decay_schedule(config.lr, config.steps, alpha=0.05)],
