@@ -45,7 +45,7 @@ def _line(name: str, scores: dict) -> str:
             f"(chance 0.167); toy CLIP-T {ip.clip_t:.3f} vs {text.clip_t:.3f}")
 
 
-def run_demo(out: str | Path, *, train: bool = True, steps: int = 300, eval_scenes: int = 32) -> dict:
+def run_demo(out: str | Path, *, train: bool = True, steps: int = 500, eval_scenes: int = 32) -> dict:
     from ipadapter_jax.ip_adapter import convert_to_flax, convert_to_torch
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
     from ipadapter_jax.world.assets import held_out_scenes

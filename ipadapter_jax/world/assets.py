@@ -3,7 +3,7 @@ IP-Adapter (official layout), both float16, plus `assets/world.json` with the to
 
     python -m ipadapter_jax.world.assets            # from a source checkout (reads train/world_*.yaml)
 
-Trains the base with `train/world_base.yaml` on 2000 random scenes (seed 0), then the adapter with
+Trains the base with `train/world_base.yaml` on 2000 random scenes (seed 0; two stages), then the adapter with
 `train/world_adapter.yaml` through `ipadapter_jax.training.train`, then evaluates both on 64 held-out scenes.
 """
 
@@ -55,7 +55,10 @@ def regenerate(work: Path, *, base_overrides=(), adapter_overrides=(), assets: P
         base = write_world_base(work / "base", unet_weights=None)
         rng = np.random.default_rng(BASE_SEED)
         config = load_config(BaseTrainConfig, RECIPES / "world_base.yaml", list(base_overrides))
-        record["base"] = train_base_unet(base, [random_scene(rng) for _ in range(BASE_SCENES)], config)
+        scenes = [random_scene(rng) for _ in range(BASE_SCENES)]
+        record["base"] = {"stage_1": train_base_unet(base, scenes, config)}
+        if config.continue_steps:
+            record["base"]["stage_2"] = train_base_unet(base, scenes, config.second_stage(), resume=True)
         base_unet = base / "unet" / "diffusion_pytorch_model.safetensors"
     else:
         record["base"] = {"given": str(base_unet)}

@@ -33,6 +33,14 @@ class BaseTrainConfig:
     p_drop_text: float = 0.1
     seed: int = 0
     dtype: str = "float16"  # of the written weights (training is float32)
+    # A second stage resumed from the written weights (fresh AdamW state, seed + 1), 0 for none.
+    continue_steps: int = 0
+    continue_lr: float = 1e-3
+    continue_warmup_steps: int = 20
+
+    def second_stage(self) -> BaseTrainConfig:
+        return dataclasses.replace(self, steps=self.continue_steps, lr=self.continue_lr,
+                                   warmup_steps=self.continue_warmup_steps, seed=self.seed + 1, continue_steps=0)
 
 
 def encode_dataset(folder: Path, scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
