@@ -1,9 +1,9 @@
 """Regenerate the shapes world's shipped checkpoints (`assets/`): the base UNet (diffusers format) and the
 IP-Adapter (official layout), both float16, plus `assets/world.json` with the toy metrics they reach.
 
-    python -m ipadapter_jax.world.assets            # from a source checkout (reads train/world_*.yaml)
+    python -m ipadapter_jax.world.assets   # in a source checkout: reads train/world/base_unet.yaml, world_adapter.yaml
 
-Trains the base with `train/world_base.yaml` on 2000 random scenes (seed 0; two stages), then the adapter with
+Trains the base with `train/world/base_unet.yaml` on 2000 random scenes (seed 0; two stages), then the adapter with
 `train/world_adapter.yaml` through `ipadapter_jax.training.train`, then evaluates both on 64 held-out scenes.
 """
 
@@ -54,7 +54,7 @@ def regenerate(work: Path, *, base_overrides=(), adapter_overrides=(), assets: P
     if base_unet is None:
         base = write_world_base(work / "base", unet_weights=None)
         rng = np.random.default_rng(BASE_SEED)
-        config = load_config(BaseTrainConfig, RECIPES / "world_base.yaml", list(base_overrides))
+        config = load_config(BaseTrainConfig, RECIPES / "world/base_unet.yaml", list(base_overrides))
         scenes = [random_scene(rng) for _ in range(BASE_SCENES)]
         record["base"] = {"stage_1": train_base_unet(base, scenes, config)}
         if config.continue_steps:
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where to write (default: the package's)")
     parser.add_argument("--base-unet", type=Path, help="skip the base training: a UNet file trained with "
-                                                       "train/world_base.yaml")
+                                                       "train/world/base_unet.yaml")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         record = regenerate(args.work or Path(tmp), assets=args.assets, base_unet=args.base_unet)
