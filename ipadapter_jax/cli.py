@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
     plan.add_argument("--fsdp", type=int, default=1)
     plan.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    from ipadapter_jax.evaluation.command import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser("evaluate", help="CLIP-I / CLIP-T of generated images; `evaluate coco` "
+                                                           "runs the paper's COCO2017 protocol"))
     return parser
 
 
@@ -370,8 +375,14 @@ def _demo(args) -> None:
     run_demo(args.out, train=not args.no_train)
 
 
+def _evaluate(args) -> None:
+    from ipadapter_jax.evaluation.command import run
+
+    run(args)
+
+
 COMMANDS = {"demo": _demo, "generate": _generate, "batch": _batch, "convert": _convert, "prepare-data": _prepare,
-            "train": _train, "cache-encoders": _cache, "plan": _plan}
+            "train": _train, "cache-encoders": _cache, "plan": _plan, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
