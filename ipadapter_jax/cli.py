@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", help="weights variant of the base, e.g. fp16")
     g.add_argument("--scheduler", choices=["ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"],
                    help="sampler (default: the base folder's scheduler)")
-    g.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn"])
+    g.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "pallas"])
     g.add_argument("--fsdp", type=int, default=1,
                    help="split every weight over groups of this many devices (models too large for one chip)")
 
@@ -171,7 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float16 halves the cache (worth it for Plus features, 257x1280 per image)")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.add_argument("overrides", nargs="*")
+    plan = sub.add_parser("plan", help="compile for a TPU slice on this host (libtpu, no TPU, no weights): HBM per "
+                                       "chip, FLOPs and the TPU compiler's time and MFU estimates")
+    plan.add_argument("--job", choices=["train", "generate"], default="train")
+    plan.add_argument("--topology", required=True, help="v5p-128, v5e-256, v6e-8 or the raw form v5p:4x4x4")
+    plan.add_argument("--slices", type=int, default=1, help="number of such slices (multislice)")
+    plan.add_argument("--config", type=Path, help="train: the recipe, train/<name>.yaml")
+    plan.add_argument("overrides", nargs="*", help="train: dotted key=value overrides")
+    plan.add_argument("--base", default="sd15", help="generate: sd15, sd21, sdxl, a diffusers folder or hub id")
+    plan.add_argument("--adapter", default="plus", help="generate: IP-Adapter variant (base, plus, full, ...) or none")
+    plan.add_argument("--num-tokens", type=int, help="generate: image tokens (default: the variant's)")
+    plan.add_argument("--image-encoder", help="generate: image encoder folder (default ViT-H/14)")
+    plan.add_argument("--height", type=int)
+    plan.add_argument("--width", type=int)
+    plan.add_argument("--steps", type=int, default=30)
+    plan.add_argument("--guidance", type=float, default=7.5)
+    plan.add_argument("--batch-per-chip", type=int, default=1)
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    plan.add_argument("--scheduler", default="ddim")
+    plan.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
+    plan.add_argument("--fsdp", type=int, default=1)
+    plan.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    from ipadapter_jax.evaluation.command import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser("evaluate", help="CLIP-I / CLIP-T of generated images; `evaluate coco` "
+                                                           "runs the paper's COCO2017 protocol"))
     return parser
+
+
+def _plan(args) -> None:
+    from ipadapter_jax.planning.plan import plan_from_args
+
+    print(plan_from_args(args))
 
 
 def _generate(args) -> None:
@@ -343,8 +375,14 @@ def _demo(args) -> None:
     run_demo(args.out, train=not args.no_train)
 
 
+def _evaluate(args) -> None:
+    from ipadapter_jax.evaluation.command import run
+
+    run(args)
+
+
 COMMANDS = {"demo": _demo, "generate": _generate, "batch": _batch, "convert": _convert, "prepare-data": _prepare,
-            "train": _train, "cache-encoders": _cache}
+            "train": _train, "cache-encoders": _cache, "plan": _plan, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
-"""`ipadapter-jax demo`: the whole project offline on tiny random models written in the real formats.
+"""`ipadapter-jax demo`: a real, visible result offline, on the shapes world (`ipadapter_jax.world`).
 
-It writes a diffusers-format SD1.5-shaped pipeline, a CLIP image encoder and an IP-Adapter in the official
-`.safetensors` layout; converts the adapter to Flax and back (checking the round trip is bit-exact); generates
-with image prompts (text-to-image at several scales, two reference images, image-to-image, inpainting); trains
-an adapter for a few steps on a synthetic dataset, exports it to the official layout and generates with it;
-then writes a PNG grid and `summary.json` with timings. The weights are random, so the pictures are noise-like:
-the point is that every real code path runs.
+The world's base was trained on captions that name only the shape ("a circle"); colours and position can
+reach a picture only through the image prompt. The demo writes the world's models in the real formats
+(diffusers folder, transformers image encoder, the shipped adapter in the official `.safetensors` layout),
+converts the adapter to Flax and back (checking the round trip is bit-exact), generates held-out scenes with
+the image prompt and text only, sweeps the IP scale, and reads every picture back exactly to give the toy
+CLIP-I / CLIP-T. Then it trains a new adapter with the real training loop (a 0-step run exports the initial
+adapter, the same workdir resumes to `steps`), exports it and measures it before and after.
+
+Writes `grid.png` (annotated rows) and `summary.json` (metrics, timings, the round trip, the training run).
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ipadapter_jax import images as imaging
-from ipadapter_jax.data.synthetic import write_synthetic_dataset
-from ipadapter_jax.pipelines.image_prompt import ImagePrompt
+from ipadapter_jax.evaluation.world import evaluate_world, generate
+from ipadapter_jax.images import save_image
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
 from ipadapter_jax.training import load_train_config, train
 from ipadapter_jax.weights.ip_adapter_files import convert_to_flax, convert_to_torch
 from ipadapter_jax.weights.safetensors_io import SafetensorsFile
+from ipadapter_jax.world.build import SHIPPED_ADAPTER, write_world_base, write_world_image_encoder
+from ipadapter_jax.world.scenes import held_out_scenes, render
+
+ROWS = 8  # reference scenes shown
+SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+CELL = 96  # displayed pixels per image
 
 
 def _log(message: str) -> None:
@@ -31,11 +38,23 @@ def _log(message: str) -> None:
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
+
     fa, fb = SafetensorsFile(a), SafetensorsFile(b)
     return set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]) for k in fa)
 
 
-def run_demo(out: str | Path, *, train: bool = True, steps: int = 12) -> dict:
+def _metrics(scores: dict) -> dict:
+    return {k: v.as_dict() for k, v in scores.items()}
+
+
+def _line(name: str, scores: dict) -> str:
+    ip, text = scores["image_prompt"], scores["text_only"]
+    return (f"{name}: toy CLIP-I {ip.clip_i:.3f} with the image prompt vs {text.clip_i:.3f} text only "
+            f"(chance 0.167); toy CLIP-T {ip.clip_t:.3f} vs {text.clip_t:.3f}")
+
+
+def run_demo(out: str | Path, *, train: bool = True, steps: int = 500, eval_scenes: int = 32) -> dict:
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
@@ -43,72 +62,90 @@ def run_demo(out: str | Path, *, train: bool = True, steps: int = 12) -> dict:
     t = summary["timings_s"]
 
     start = time.perf_counter()
-    base = write_tiny_pipeline(models / "tiny-sd15")
-    encoder = write_tiny_image_encoder(models / "image_encoder")
-    official = write_tiny_ip_adapter(models / "ip-adapter_tiny.safetensors", base, encoder)
-    data = write_synthetic_dataset(out / "data", num_images=32, size=64, seed=0)
+    base = write_world_base(models / "world-base")
+    encoder = write_world_image_encoder(models / "image_encoder")
     t["write_models"] = time.perf_counter() - start
-    _log(f"wrote a tiny diffusers pipeline, image encoder and official-layout IP-Adapter under {models}")
+    _log(f"wrote the shapes world's diffusers pipeline (trained UNet, exact VAE) and image encoder under {models}")
 
     start = time.perf_counter()
-    flax_dir = models / "ip-adapter_tiny-flax"
-    convert_to_flax(official, flax_dir, unet_config=base / "unet", overwrite=True)
-    back = convert_to_torch(flax_dir, models / "ip-adapter_tiny-roundtrip.safetensors", overwrite=True)
-    summary["roundtrip_bit_exact"] = _same_tensors(official, back)
+    flax_dir = models / "ip-adapter_world-flax"
+    convert_to_flax(SHIPPED_ADAPTER, flax_dir, unet_config=base / "unet", overwrite=True)
+    back = convert_to_torch(flax_dir, models / "ip-adapter_world-roundtrip.safetensors", overwrite=True)
+    summary["roundtrip_bit_exact"] = _same_tensors(SHIPPED_ADAPTER, back)
     t["convert"] = time.perf_counter() - start
-    _log(f"converted official -> Flax -> official: bit-exact = {summary['roundtrip_bit_exact']}")
+    _log(f"converted the shipped adapter official -> Flax -> official: bit-exact = {summary['roundtrip_bit_exact']}")
 
     start = time.perf_counter()
-    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[flax_dir])
-    t["load"] = time.perf_counter() - start
-    refs = sorted(data.root.glob("*.png"))[:2]
-    rows: list[list] = []
-    common = dict(num_inference_steps=steps, guidance_scale=5.0, seed=0)
+    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[flax_dir], scheduler="ddim")
+    scenes = held_out_scenes(eval_scenes)
+    shipped = evaluate_world(pipe, scenes)
+    summary["shipped_adapter"] = _metrics(shipped)
+    sweep_scenes = [s for s in scenes[:4] for _ in SCALES]
+    sweep = generate(pipe, sweep_scenes, scale=[x for _ in scenes[:4] for x in SCALES], seed=1000)
+    t["load_generate_and_read"] = time.perf_counter() - start
+    _log(_line("shipped adapter", shipped))
 
-    start = time.perf_counter()
-    rows.append([imaging.load_image(r).resize((64, 64)) for r in refs] + [
-        pipe("a shape", images=[ImagePrompt(images=[refs[0]], scale=s)], **common).images[0]
-        for s in (0.0, 0.5, 1.0)])
-    t["first_generate_with_compile"] = time.perf_counter() - start
-    start = time.perf_counter()
-    rows.append([
-        pipe("a shape", images=[ImagePrompt(images=refs, scale=1.0)], **common).images[0],
-        pipe("a shape", images=[ImagePrompt(images=refs, combine="average")], **common).images[0],
-        pipe("a shape", images=[refs[1]], init_image=refs[0], strength=0.6, **common).images[0],
-        pipe("a shape", images=[refs[1]], init_image=refs[0], mask_image=_square_mask(64), **common).images[0],
-        pipe("a shape", images=[refs[0]], ip_window=(0.0, 0.5), **common).images[0],
-    ])
-    t["generate_5_more"] = time.perf_counter() - start
-    _log(f"generated {sum(len(r) for r in rows) - 2} images (text-to-image at scales 0/0.5/1, two references, "
-         "averaged references, image-to-image, inpainting, an IP window)")
-
+    rows = [("reference (image prompt)", [render(s) for s in scenes[:ROWS]]),
+            ("image prompt + caption", shipped["image_prompt"].images[:ROWS]),
+            ("caption only (scale 0)", shipped["text_only"].images[:ROWS])]
+    for i in range(4):
+        rows.append((f"scale {SCALES[0]}..{SCALES[-1]}", [render(scenes[i])] + sweep[i * len(SCALES):
+                                                                                   (i + 1) * len(SCALES)]))
     if train:
         start = time.perf_counter()
-        rows.append(_train_and_generate(out, base, encoder, data, refs, common, summary))
-        t["train_and_generate"] = time.perf_counter() - start
+        trained, before, after = _train_and_measure(out, scenes, steps)
+        summary["training"] = trained
+        summary["before_training"], summary["after_training"] = _metrics(before), _metrics(after)
+        t["train_and_measure"] = time.perf_counter() - start
+        _log(_line("new adapter before training (step 0)", before))
+        _log(_line(f"new adapter after {steps} steps", after))
+        rows.append(("trained here, step 0", before["image_prompt"].images[:ROWS]))
+        rows.append((f"trained here, step {steps}", after["image_prompt"].images[:ROWS]))
 
-    width = max(len(r) for r in rows)
-    cells = [im for r in rows for im in r + [imaging.Image.new("RGB", (64, 64), "white")] * (width - len(r))]
-    imaging.save_image(imaging.grid(cells, width), out / "grid.png")
+    _grid(rows, out / "grid.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _log(f"wrote {out / 'grid.png'} and {out / 'summary.json'}; timings: "
          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return summary
 
 
-def _square_mask(size: int) -> np.ndarray:
-    mask = np.zeros((size, size), np.float32)
-    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
-    return mask
+def _train_and_measure(out: Path, scenes, steps: int):
+    """A 0-step run exports the initial adapter; the same workdir then resumes to `steps` (the real loop)."""
+
+    recipe = Path(__file__).resolve().parents[1] / "train" / "world_adapter.yaml"
+    workdir = out / "train"
+    overrides = [f"workdir={workdir}", "monitor.progress_bar=false"]
+    initial = train(load_train_config(recipe, [*overrides, "total_steps=0"]))
+    before_dir = workdir / "export-step0"
+    if before_dir.exists():
+        import shutil
+
+        shutil.rmtree(before_dir)
+    initial.exported.parent.rename(before_dir)
+    result = train(load_train_config(recipe, [*overrides, f"total_steps={steps}"]))
+    world = workdir / "world"
+    scores = []
+    for adapter in (before_dir / "ip_adapter.safetensors", result.exported):
+        pipe = IPAdapterPipeline.from_pretrained(world / "base", image_encoder=world / "image_encoder",
+                                                 adapters=[adapter], scheduler="ddim")
+        scores.append(evaluate_world(pipe, scenes))
+    trained = {"steps": result.step, "resumed_from": result.resumed_from, "exported": str(result.exported),
+               "first_loss": result.losses[0] if result.history else None,
+               "last_loss": result.losses[-1] if result.history else None}
+    _log(f"trained an adapter {result.step} steps with train/world_adapter.yaml, exported {result.exported}")
+    return trained, scores[0], scores[1]
 
 
-def _train_and_generate(out: Path, base: Path, encoder: Path, data, refs, common, summary) -> list:
-    config_file = Path(__file__).resolve().parents[1] / "train" / "tiny.yaml"
-    overrides = [f"workdir={out / 'train'}", f"model.base={base}", f"model.image_encoder={encoder}",
-                 f"data.source={data.json_file}", f"data.image_root={data.root}"]
-    result = train(load_train_config(config_file, overrides))
-    summary["training"] = result.summary() if hasattr(result, "summary") else str(result)
-    exported = Path(result.exported)
-    _log(f"trained an adapter, exported {exported}")
-    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[exported])
-    return [pipe("a shape", images=[ImagePrompt(images=[r], scale=1.0)], **common).images[0] for r in refs]
+def _grid(rows, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+
+    label_width = 190
+    width = max(len(images) for _, images in rows)
+    sheet = Image.new("RGB", (label_width + width * CELL, len(rows) * CELL), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        draw.text((6, r * CELL + CELL // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            sheet.paste(image.resize((CELL, CELL), Image.NEAREST), (label_width + c * CELL, r * CELL))
+    save_image(sheet, path)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Implementation, attention
+from ipadapter_jax.models.attention_policy import as_policy
 from ipadapter_jax.models.layers import LayerNorm, Linear, activation
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
@@ -76,7 +77,7 @@ def causal_attention(q_BLHD: jax.Array, k_BLHD: jax.Array, v_BLHD: jax.Array) ->
 class CLIPAttention(nnx.Module):
     def __init__(self, dim: int, heads: int, *, attention_impl: Implementation, dtype, rngs: nnx.Rngs):
         self.heads = heads
-        self.attention_impl = attention_impl
+        self.attention_impl = as_policy(attention_impl)
         self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)

@@ -11,7 +11,9 @@ per step.
 kernel read in its stored layout (`dY @ W^T`, giving every tap's contribution at once), then a sum of
 `k * k` shifted slices (col2im). Same numbers to rounding; used only on CPU, for stride-1 "same" convolutions
 whose kernel holds several times more values than the output gradient (elsewhere XLA's own gradient is
-faster). The kernel's gradient, needed only when a kernel trains, is XLA's.
+faster). The kernel's gradient, needed only when a kernel trains, is XLA's. Whether the program is compiled
+for CPU is the caller's static flag (`Conv2d.cpu_gemm_gradient`, set by `models/target.set_target`), never the
+host's backend: a CPU host also compiles for TPUs.
 """
 
 from __future__ import annotations
@@ -65,12 +67,14 @@ def _gemm_gradient_pays(x_BHWC, kernel_HWIO, stride: int, padding: int) -> bool:
     kh, kw, _, c_out = kernel_HWIO.shape
     same = kh == kw and kh % 2 == 1 and padding == (kh - 1) // 2 and kh > 1
     out_elems = x_BHWC.shape[0] * x_BHWC.shape[1] * x_BHWC.shape[2] * c_out
-    return (jax.default_backend() == "cpu" and stride == 1 and same
-            and kernel_HWIO.size >= _KERNEL_TO_OUTPUT_RATIO * out_elems)
+    return stride == 1 and same and kernel_HWIO.size >= _KERNEL_TO_OUTPUT_RATIO * out_elems
 
 
-def conv2d(x_BHWC, kernel_HWIO, *, stride: int = 1, padding: int = 0, accumulate=None):
-    """`lax.conv_general_dilated` over NHWC/HWIO with symmetric padding; see the module note on gradients."""
-    if _gemm_gradient_pays(x_BHWC, kernel_HWIO, stride, padding):
-        return _same_conv(x_BHWC, kernel_HWIO, padding, accumulate)
+def conv2d(x_BHWC, kernel_HWIO, *, stride: int = 1, padding: int = 0, accumulate=None,
+           cpu_gemm_gradient: bool = False):
+    """`lax.conv_general_dilated` over NHWC/HWIO with symmetric padding; `cpu_gemm_gradient` (programs compiled
+    for CPU only) allows the GEMM input gradient where it pays, see the module note."""
+    if cpu_gemm_gradient and _gemm_gradient_pays(x_BHWC, kernel_HWIO, stride, padding):
+        with jax.named_scope("cpu_gemm_conv"):  # named in the HLO: tests check where it is used
+            return _same_conv(x_BHWC, kernel_HWIO, padding, accumulate)
     return _conv(x_BHWC, kernel_HWIO, stride, padding, accumulate)

@@ -85,6 +85,7 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, dtype)) if use_bias else None
         self.stride = stride
         self.padding = padding
+        self.cpu_gemm_gradient = False  # static; True only in models compiled for CPU (models/target.py)
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x_BHWC.dtype)
@@ -93,7 +94,7 @@ class Conv2d(nnx.Module):
                                     preferred_element_type=_accumulate(x_BHWC))
         else:
             y = conv2d(x_BHWC, kernel, stride=self.stride, padding=self.padding,
-                       accumulate=_accumulate(x_BHWC))
+                       accumulate=_accumulate(x_BHWC), cpu_gemm_gradient=self.cpu_gemm_gradient)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(x_BHWC.dtype)

@@ -13,6 +13,7 @@ from ipadapter_jax.models.attention import Attention, Implementation
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import Conv2d, GroupNorm
+from ipadapter_jax.models.target import set_target
 from ipadapter_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from ipadapter_jax.models.unet_config import UNetConfig
 
@@ -37,7 +38,8 @@ def time_conditioning(c: UNetConfig, time_embedding: TimestepEmbedding, add_embe
 
 class UNet2DConditionModel(nnx.Module):
     def __init__(self, config: UNetConfig, *, num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        """`platform`: what the model is compiled for ("cpu", "gpu", "tpu"; None: portable paths only)."""
         c = config
         self.config = c
         self.num_ip_adapters = num_ip_adapters
@@ -83,6 +85,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2,
                                dtype=dtype, rngs=rngs)
+        set_target(self, platform)
 
     def __call__(self, sample_BHWC: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array, *,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,

@@ -14,6 +14,7 @@ from flax import nnx
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.layers import Conv2d
+from ipadapter_jax.models.target import set_target
 from ipadapter_jax.models.vae_blocks import Decoder, Encoder
 
 
@@ -126,7 +127,7 @@ def unscale_latents(z_BHWC: jax.Array, *, scaling_factor: float, shift_factor: f
 
 class AutoencoderKL(nnx.Module):
     def __init__(self, config: AutoencoderKLConfig, *, attention_impl: Implementation = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
         self.config = c
         common = dict(layers_per_block=c.layers_per_block, groups=c.norm_num_groups,
@@ -138,6 +139,7 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = Conv2d(moments, moments, 1, dtype=dtype, rngs=rngs) if c.use_quant_conv else None
         self.post_quant_conv = (Conv2d(c.latent_channels, c.latent_channels, 1, dtype=dtype, rngs=rngs)
                                 if c.use_post_quant_conv else None)
+        set_target(self, platform)  # what the model is compiled for (models/target.py)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.models.attention import Implementation, attention
+from ipadapter_jax.models.attention_policy import as_policy
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, Linear
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -26,7 +27,7 @@ class VAEAttention(nnx.Module):
         self.to_out = nnx.List([Linear(channels, channels, dtype=dtype, rngs=rngs)])
         self.heads = heads
         self.rescale_output_factor = rescale_output_factor
-        self.attention_impl = attention_impl
+        self.attention_impl = as_policy(attention_impl)
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         b, h, w, c = x_BHWC.shape

@@ -34,6 +34,7 @@ from ipadapter_jax.ip_adapter import IPAdapter, attach, check_image_encoder, mer
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.resnet import nearest_resize
+from ipadapter_jax.models.target import platform_of, set_target
 from ipadapter_jax.pipelines.components import BaseModels, load_base
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks
 from ipadapter_jax.pipelines.layer_controls import adapter_controls, composition_tokens, place_controls
@@ -96,6 +97,9 @@ class IPAdapterPipeline:
                 if a.spec.needs_image_encoder:
                     check_image_encoder(a.spec, image_encoder)
         self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+        for model in (base.unet, base.vae, *base.text_encoders, image_encoder):
+            if model is not None:  # kernels and layouts for the platform of the mesh's devices
+                set_target(model, platform_of(self.mesh))
         replicated = None if sharded_params else NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
         self._unet = stages.Bound.of(base.unet, replicated)
@@ -316,6 +320,18 @@ class IPAdapterPipeline:
                        timings: dict | None = None, per_item: list[list[ImagePrompt]] | None = None):
         """One compiled batch of B prompts: the image prompts are shared, or given `per_item`; guidance may be
         one value per item. Returns (pixels or None, final latents)."""
+        with jax.set_mesh(self.mesh):  # the mesh that kernels deep in the models are split over
+            return self._generate_batch(positive, negative, image_prompts, noise=noise,
+                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                        guidance_rescale=guidance_rescale, height=height, width=width, init=init,
+                                        mask=mask, strength=strength, ip_window=ip_window, eta=eta,
+                                        scheduler=scheduler, original_size=original_size,
+                                        crops_coords_top_left=crops_coords_top_left, embeds=embeds, decode=decode,
+                                        timings=timings, per_item=per_item)
+
+    def _generate_batch(self, positive, negative, image_prompts, *, noise, num_inference_steps, guidance_scale,
+                        guidance_rescale, height, width, init, mask, strength, ip_window, eta, scheduler,
+                        original_size, crops_coords_top_left, embeds, decode, timings, per_item):
         timings = {} if timings is None else timings
         base = self.base
         batch = len(positive)

@@ -32,7 +32,7 @@ class ModelConfig:
     vae_dtype: str | None = None  # None: as dtype (SDXL recipes keep the VAE in float32)
     adapter_dtype: str = "float32"  # trainable weights and optimizer state
     weights_variant: str | None = None  # e.g. "fp16" for *.fp16.safetensors
-    attention: Literal["auto", "xla", "chunked", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "chunked", "cudnn", "pallas"] = "auto"  # auto: by platform and shape
     # jax.checkpoint policy for every UNet ResNet and transformer block (models/remat.py): recompute activations
     # in the backward pass to trade compute for memory.
     remat: Remat = "none"

@@ -2,6 +2,7 @@
 
 - ``model.base: tiny`` (or ``tiny-sdxl``) and ``model.image_encoder: tiny``: the tiny random checkpoints of
   ``ipadapter_jax.tiny_models`` (``train/tiny.yaml``: no download);
+- ``model.base``/``model.image_encoder``/``data.source: world``: the shapes world (``ipadapter_jax.world``);
 - ``data.source: synthetic``: the learnable synthetic shapes dataset; a sample image ``synthetic:<i>`` is its
   i-th picture;
 - ``model.base`` a Hugging Face Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), ``model.image_encoder``
@@ -54,6 +55,10 @@ def _resolve_hub(m):
 
 def materialize(config: TrainConfig) -> TrainConfig:
     """``config`` with every placeholder and raw source replaced by a ready folder (module doc)."""
+    from ipadapter_jax.world.inputs import materialize_world, uses_world
+
+    if uses_world(config):  # the shapes world (train/world_adapter.yaml)
+        config = materialize_world(config, primary=jax.process_index() == 0)
     m, d, mon = config.model, config.data, config.monitor
     m = _resolve_hub(m)
     synthetic_images = d.source == SYNTHETIC or any(p.startswith(SYNTHETIC + ":") for p in mon.sample_images)

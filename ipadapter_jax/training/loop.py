@@ -170,7 +170,8 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
         compiled, flops = None, None
         if first is not None:
             batch = pipeline.to_global_batch(first, mesh, sharding_lib.BATCH_SPEC)
-            compiled = jitted.lower(state, frozen, consts, batch).compile()
+            with jax.set_mesh(mesh):  # the mesh that Pallas kernels deep in the UNet are split over
+                compiled = jitted.lower(state, frozen, consts, batch).compile()
             flops = (compiled.cost_analysis() or {}).get("flops")
         sampler = _sample_grid(config, assembled, mesh, frozen, cached)
         monitor = Monitor(workdir, config.monitor, start_step=step, total_steps=config.total_steps,

@@ -98,10 +98,12 @@ class SampleGrid:
 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._sample = jax.jit(sample, out_shardings=replicated)
+        self._mesh = mesh
 
     def __call__(self, params, frozen):
         key = jax.random.key(self.seed)
-        pixels = self._sample(params, frozen, self.vae_state, self.cond, self.time_ids, key)
+        with jax.set_mesh(self._mesh):
+            pixels = self._sample(params, frozen, self.vae_state, self.cond, self.time_ids, key)
         host = np.asarray(pixels.addressable_data(0))
         return grid(to_pil(host), columns=self.columns)
 

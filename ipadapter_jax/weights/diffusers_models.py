@@ -32,7 +32,7 @@ from ipadapter_jax.weights.torch_layout import KeyPolicy, load_state
 
 
 def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-              variant: str | None = None, sharding=None) -> UNet2DConditionModel:
+              platform: str | None = None, variant: str | None = None, sharding=None) -> UNet2DConditionModel:
     """A diffusers `unet/` folder as a Flax UNet; IP-Adapter slots start as copies of `to_k`/`to_v`."""
 
     config = UNetConfig.from_dict(read_config(folder))
@@ -40,7 +40,7 @@ def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_im
     unet = load_component(
         folder,
         lambda: UNet2DConditionModel(config, num_ip_adapters=num_ip_adapters, attention_impl=attention_impl,
-                                     dtype=dt, rngs=nnx.Rngs(0)),
+                                     platform=platform, dtype=dt, rngs=nnx.Rngs(0)),
         basename="diffusion_pytorch_model", dtype=dt, variant=variant, what="UNet", sharding=sharding,
         exclude=IPAdapterParam)
     init_ip_from_text(unet)
@@ -84,13 +84,13 @@ class _LinearAttentionWeights(Mapping[str, np.ndarray]):
 
 
 def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_impl: Implementation = "auto",
-             sharding=None) -> AutoencoderKL:
+             platform: str | None = None, sharding=None) -> AutoencoderKL:
     """A diffusers `vae/` folder as a Flax `AutoencoderKL`, computing in `dtype`."""
 
     config = AutoencoderKLConfig.from_dict(read_config(folder))
     dt = as_dtype(dtype)
-    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, dtype=dt,
-                                                    rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: AutoencoderKL(config, attention_impl=attention_impl, platform=platform,
+                                                    dtype=dt, rngs=nnx.Rngs(0)))
     weights = open_weights(folder, "diffusion_pytorch_model", variant)
     return load_state(abstract, _LinearAttentionWeights(weights), dtype=dt, policy=VAE_KEY_POLICY, what="VAE",
                       source=weights.description, sharding=sharding)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from reference_models import rel_err
 
+from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import attention
+from ipadapter_jax.models.attention_policy import AttentionPolicy
 
 
 def _qkv(l=2048, s=2048, heads=2, dim=8, seed=0):
@@ -37,12 +39,39 @@ def test_chunked_matches_plain_forward_and_gradients(torch):
 
 def test_auto_uses_the_blockwise_path_for_long_sequences_on_cpu():
     q, k, v = _qkv()
-    text = jax.jit(lambda q, k, v: attention(q, k, v, "auto")).lower(q, k, v).as_text()
+    cpu = AttentionPolicy("auto", "cpu")
+    text = jax.jit(lambda q, k, v: attention(q, k, v, cpu)).lower(q, k, v).as_text()
     assert "while" in text  # the per-head, per-block loops
     short = _qkv(l=64, s=77)
-    assert "while" not in jax.jit(lambda q, k, v: attention(q, k, v, "auto")).lower(*short).as_text()
+    assert "while" not in jax.jit(lambda q, k, v: attention(q, k, v, cpu)).lower(*short).as_text()
+    # Without a target (and for other platforms) the CPU path is never taken.
+    for policy in ("auto", AttentionPolicy("auto", "gpu"), AttentionPolicy("auto")):
+        assert "while" not in jax.jit(lambda q, k, v, p=policy: attention(q, k, v, p)).lower(q, k, v).as_text()
 
 
-def test_unknown_implementation_is_an_error():
-    with pytest.raises(ValueError, match="unknown attention implementation"):
+@pytest.mark.parametrize(("platform", "l", "s", "d", "dtype", "expected"), [
+    ("cpu", 4096, 4096, 40, jnp.bfloat16, "chunked"),
+    ("cpu", 4096, 77, 40, jnp.bfloat16, "xla"),
+    ("gpu", 4096, 4096, 64, jnp.bfloat16, "cudnn"),
+    ("gpu", 256, 77, 160, jnp.bfloat16, "xla"),  # SD1.5's 160-wide heads: beyond cuDNN's 128
+    ("gpu", 4096, 4096, 40, jnp.float32, "xla"),  # cuDNN's fused kernel takes half precision only
+    ("tpu", 4096, 4096, 40, jnp.bfloat16, "pallas"),
+    ("tpu", 1024, 1024, 64, jnp.bfloat16, "pallas"),
+    ("tpu", 4096, 77, 40, jnp.bfloat16, "xla"),  # cross-attention: small scores, XLA estimated faster
+    ("tpu", 256, 256, 160, jnp.bfloat16, "xla"),
+    (None, 4096, 4096, 40, jnp.bfloat16, "xla"),
+])
+def test_policy_follows_the_target_platform(platform, l, s, d, dtype, expected):
+    assert AttentionPolicy("auto", platform).choose((2, l, 8, d), (2, s, 8, d), dtype) == expected
+
+
+def test_requested_cudnn_outside_its_limits_is_xla_decided_up_front():
+    assert AttentionPolicy("cudnn", "gpu").choose((1, 64, 8, 160), (1, 77, 8, 160), jnp.bfloat16) == "xla"
+    assert AttentionPolicy("cudnn", "gpu").choose((1, 64, 8, 64), (1, 77, 8, 64), jnp.bfloat16) == "cudnn"
+
+
+def test_unknown_implementation_or_platform_is_an_error():
+    with pytest.raises(ConfigError, match="flash9"):
         attention(*_qkv(l=8, s=8), implementation="flash9")
+    with pytest.raises(ConfigError, match="quantum"):
+        AttentionPolicy("auto", "quantum")

@@ -23,12 +23,13 @@ def test_gemm_input_gradient_matches_xla(shape, kernel, padding):
     assert conv._gemm_gradient_pays(x, w, 1, padding)  # the custom path is the one under test
 
     def ours(x, w):
-        return jnp.sum(conv.conv2d(x, w, padding=padding) * g)
+        return jnp.sum(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True) * g)
 
     def xla(x, w):
         return jnp.sum(conv._conv(x, w, 1, padding, None) * g)
 
-    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding), conv._conv(x, w, 1, padding, None), rtol=0, atol=0)
+    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True),
+                               conv._conv(x, w, 1, padding, None), rtol=0, atol=0)
     (dx, dw), (ref_dx, ref_dw) = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(xla, (0, 1)))(x, w)
     assert _rel(dx, ref_dx) < 1e-6
     assert _rel(dw, ref_dw) < 1e-6
@@ -42,7 +43,7 @@ def test_bfloat16_gradient_keeps_dtypes_and_values():
     def loss(fn):
         return lambda x: jnp.sum(fn(x).astype(jnp.float32) ** 2)
 
-    dx = jax.grad(loss(lambda x: conv.conv2d(x, w, padding=1, accumulate=jnp.float32)))(x)
+    dx = jax.grad(loss(lambda x: conv.conv2d(x, w, padding=1, accumulate=jnp.float32, cpu_gemm_gradient=True)))(x)
     ref = jax.grad(loss(lambda x: conv._conv(x, w, 1, 1, jnp.float32)))(x)
     assert dx.dtype == jnp.bfloat16
     assert _rel(dx.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2  # bf16 rounding of the cotangent

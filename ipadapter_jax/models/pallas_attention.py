@@ -1,0 +1,370 @@
+"""Flash attention for TPU as Pallas (Mosaic) kernels: a forward kernel and a backward kernel, tied together by
+`jax.custom_vjp`. The backward is one kernel (key blocks outer, query blocks inner) that accumulates dK/dV per key
+block and dQ for the row's whole query length on chip, recomputing the scores once: 10 LSD matrix FLOPs where the
+classic two-kernel split (dK/dV, then dQ; `fused_backward=False`) issues 14, estimated ~20% faster on v5p.
+
+Layout: rows (B*H, L, D). Query and key lengths are padded to whole blocks (padded keys are masked, padded
+queries are sliced off); the head width is padded with zeros to the 128-lane width (`pad_head=True`, SD1.5's
+40 -> 128, SDXL's 64 -> 128) or kept as the block's full last dimension, which Mosaic pads in registers
+(`pad_head=False`): the MXU does the same work either way, the second moves fewer bytes through HBM. Chosen by
+the compiler's estimates (bench/tpu_kernel_results.json): narrow on v5p, faster at every SD1.5 and SDXL shape;
+padded on v5e and v6e, faster there, and the only layout their cost model can price at SD sizes (narrow
+kernels come back without an estimate). `sharded_flash_attention` picks it from the mesh's device kind.
+Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
+
+Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
+count it as free. FLOPs are the matrix-unit work actually issued (head width rounded up to 128 lanes, padded
+rows and keys included); bytes are those the kernel's block pipeline reads and writes in HBM, counting every
+re-read of a block whose index changes between grid steps. The same numbers are returned by `kernel_costs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+LANES = 128
+KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq", "ipadapter_flash_bwd")
+_MASKED = -1e30  # logits of padded keys: exp() underflows to exactly 0
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NARROW_HEADS = ("TPU v5",)  # device kinds whose kernels keep heads narrow (v5p; "TPU v5 lite" is v5e), see above
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static shape facts of one call: padded sizes, blocks, and the real key count (for masking)."""
+
+    rows: int  # B * H
+    q_len: int  # padded
+    kv_len: int  # padded
+    kv_real: int
+    head_dim: int  # as stored (padded or not)
+    block_q: int
+    block_k: int
+    itemsize: int
+    interpret: bool = False
+    q_real: int = 0  # unpadded query length and head width (0: as padded), for the useful-FLOP count
+    head_real: int = 0
+    fused_backward: bool = False  # one backward kernel, dQ accumulated on chip for the whole query length
+
+    @property
+    def mxu_dim(self) -> int:
+        return _round_up(self.head_dim, LANES)
+
+
+def _stat_bytes(t: Tiling) -> int:
+    return t.rows * t.q_len * LANES * 4
+
+
+def kernel_costs(t: Tiling) -> dict[str, pl.CostEstimate]:
+    """The declared cost of each kernel for one call (see the module note)."""
+    lsd = t.rows * t.q_len * t.kv_len * t.mxu_dim
+    exps = t.rows * t.q_len * t.kv_len
+    q_bytes = t.rows * t.q_len * t.head_dim * t.itemsize  # also o, do, dq
+    k_bytes = t.rows * t.kv_len * t.head_dim * t.itemsize  # also v, dk, dv
+    n_q, n_k = t.q_len // t.block_q, t.kv_len // t.block_k
+    stats = _stat_bytes(t)
+    return {
+        # s = q k^T and p v; k, v re-read for every query block; o and the log-sum-exp written once.
+        "ipadapter_flash_fwd": pl.CostEstimate(
+            flops=4 * lsd, transcendentals=exps + t.rows * t.q_len * n_k * LANES,
+            bytes_accessed=2 * q_bytes + stats + n_q * 2 * k_bytes),
+        # s, dp recomputed; dv += p^T do, dk += ds^T q; q, do and both statistics re-read per key block.
+        "ipadapter_flash_dkv": pl.CostEstimate(
+            flops=8 * lsd, transcendentals=exps,
+            bytes_accessed=4 * k_bytes + n_k * (2 * q_bytes + 2 * stats)),
+        # s, dp recomputed; dq += ds k; k and v re-read per query block.
+        "ipadapter_flash_dq": pl.CostEstimate(
+            flops=6 * lsd, transcendentals=exps,
+            bytes_accessed=3 * q_bytes + 2 * stats + n_q * 2 * k_bytes),
+        # Fused: s recomputed once; dv, dp, dk and dq; k, v read and dk, dv, dq written once; q, do and both
+        # statistics re-read per key block.
+        "ipadapter_flash_bwd": pl.CostEstimate(
+            flops=10 * lsd, transcendentals=exps,
+            bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + 2 * stats)),
+    }
+
+
+def useful_flops(t: Tiling) -> dict[str, int]:
+    """FLOPs of the attention math at its real sizes, as XLA counts its own path: 4LSD forward, 8LSD backward
+    (dV, dP, dK in the dK/dV kernel; dQ in the dQ kernel). The kernels' recomputation is not counted."""
+    lsd = t.rows * (t.q_real or t.q_len) * t.kv_real * (t.head_real or t.head_dim)
+    return {KERNEL_NAMES[0]: 4 * lsd, KERNEL_NAMES[1]: 6 * lsd, KERNEL_NAMES[2]: 2 * lsd, KERNEL_NAMES[3]: 8 * lsd}
+
+
+def _meta(t: Tiling, name: str) -> dict[str, str]:
+    # Read back from the compiled HLO by the planner (planning/report.py) to report model FLOPs.
+    return {"useful_flops": str(useful_flops(t)[name])}
+
+
+def _masked_logits(q, k, kv_block, t: Tiling):
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+    if t.kv_real != t.kv_len:
+        cols = kv_block * t.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(cols < t.kv_real, s, _MASKED)
+    return s
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, t: Tiling):
+    kv = pl.program_id(2)
+
+    @pl.when(kv == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    v = v_ref[0]
+    s = _masked_logits(q_ref[0], k_ref[0], kv, t)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+    p = jnp.exp(s - m_new[:, :1])
+    alpha = jnp.exp(m_prev - m_new)
+    l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+    acc_sc[...] = alpha[:, :1] * acc_sc[...] + lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m_sc[...] = m_new
+
+    @pl.when(kv == t.kv_len // t.block_k - 1)
+    def _finish():
+        total = l_sc[...]
+        o_ref[0] = (acc_sc[...] / total[:, :1]).astype(o_ref.dtype)
+        lse_ref[0] = m_sc[...] + jnp.log(total)
+
+
+def _probs_and_ds(q, k, v, do, lse, delta, kv_block, t: Tiling):
+    p = jnp.exp(_masked_logits(q, k, kv_block, t) - lse[:, :1])
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    return p, p * (dp - delta[:, :1])
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, t: Tiling):
+    qb = pl.program_id(2)
+
+    @pl.when(qb == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    q, do = q_ref[0], do_ref[0]
+    p, ds = _probs_and_ds(q, k_ref[0], v_ref[0], do, lse_ref[0], delta_ref[0], pl.program_id(1), t)
+    dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+    @pl.when(qb == t.q_len // t.block_q - 1)
+    def _finish():
+        dk_ref[0] = dk_sc[...].astype(dk_ref.dtype)
+        dv_ref[0] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, t: Tiling):
+    kv = pl.program_id(2)
+
+    @pl.when(kv == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    k = k_ref[0]
+    _, ds = _probs_and_ds(q_ref[0], k, v_ref[0], do_ref[0], lse_ref[0], delta_ref[0], kv, t)
+    dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(kv == t.kv_len // t.block_k - 1)
+    def _finish():
+        dq_ref[0] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, *,
+                t: Tiling):
+    """Grid (rows, key blocks, query blocks): dK/dV accumulate over the inner query blocks, dQ over the key
+    blocks in a scratch that holds the row's whole query length, written out after the last key block."""
+    kv, qb = pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(pl.multiple_of(qb * t.block_q, t.block_q), t.block_q)
+
+    @pl.when((kv == 0) & (qb == 0))
+    def _init_dq():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @pl.when(qb == 0)
+    def _init_dkv():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    q, k, do = q_ref[0], k_ref[0], do_ref[0]
+    p, ds = _probs_and_ds(q, k, v_ref[0], do, lse_ref[0], delta_ref[0], kv, t)
+    dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dq_sc[rows, :] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(qb == t.q_len // t.block_q - 1)
+    def _finish_dkv():
+        dk_ref[0] = dk_sc[...].astype(dk_ref.dtype)
+        dv_ref[0] = dv_sc[...].astype(dv_ref.dtype)
+
+    @pl.when(kv == t.kv_len // t.block_k - 1)
+    def _finish_dq():
+        dq_ref[0, rows, :] = dq_sc[rows, :].astype(dq_ref.dtype)
+
+
+def _backward_fused(q, k, v, do, lse, delta, t: Tiling):
+    f32 = jnp.float32
+    whole = pl.BlockSpec((1, t.q_len, t.head_dim), lambda r, i, j: (r, 0, 0))
+    params = None if t.interpret else pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary"))
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, t=t), grid=(t.rows, t.kv_len // t.block_k, t.q_len // t.block_q),
+        in_specs=[_q_spec(t, 2, t.head_dim), _k_spec(t, 1), _k_spec(t, 1), _q_spec(t, 2, t.head_dim),
+                  _q_spec(t, 2, LANES), _q_spec(t, 2, LANES)],
+        out_specs=[whole, _k_spec(t, 1), _k_spec(t, 1)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((t.q_len, t.head_dim), f32), pltpu.VMEM((t.block_k, t.head_dim), f32),
+                        pltpu.VMEM((t.block_k, t.head_dim), f32)],
+        compiler_params=params, interpret=t.interpret, name=KERNEL_NAMES[3], metadata=_meta(t, KERNEL_NAMES[3]),
+        cost_estimate=kernel_costs(t)[KERNEL_NAMES[3]])(q, k, v, do, lse, delta)
+
+
+def _params(t: Tiling):
+    return None if t.interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _q_spec(t: Tiling, q_axis: int, width: int):
+    """Blocks of a (rows, q_len, width) array indexed by the grid axis `q_axis` (1: outer, 2: inner)."""
+    return pl.BlockSpec((1, t.block_q, width), lambda r, i, j: (r, (i, j)[q_axis - 1], 0))
+
+
+def _k_spec(t: Tiling, k_axis: int):
+    return pl.BlockSpec((1, t.block_k, t.head_dim), lambda r, i, j: (r, (i, j)[k_axis - 1], 0))
+
+
+def _forward(q, k, v, t: Tiling):
+    f32 = jnp.float32
+    grid = (t.rows, t.q_len // t.block_q, t.kv_len // t.block_k)
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, t=t), grid=grid,
+        in_specs=[_q_spec(t, 1, t.head_dim), _k_spec(t, 2), _k_spec(t, 2)],
+        out_specs=[_q_spec(t, 1, t.head_dim), _q_spec(t, 1, LANES)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((t.rows, t.q_len, LANES), f32)],
+        scratch_shapes=[pltpu.VMEM((t.block_q, LANES), f32), pltpu.VMEM((t.block_q, LANES), f32),
+                        pltpu.VMEM((t.block_q, t.head_dim), f32)],
+        compiler_params=_params(t), interpret=t.interpret, name=KERNEL_NAMES[0], metadata=_meta(t, KERNEL_NAMES[0]),
+        cost_estimate=kernel_costs(t)[KERNEL_NAMES[0]])(q, k, v)
+    return o, lse
+
+
+def _backward(q, k, v, do, lse, delta, t: Tiling):
+    f32 = jnp.float32
+    costs = kernel_costs(t)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, t=t), grid=(t.rows, t.kv_len // t.block_k, t.q_len // t.block_q),
+        in_specs=[_q_spec(t, 2, t.head_dim), _k_spec(t, 1), _k_spec(t, 1), _q_spec(t, 2, t.head_dim),
+                  _q_spec(t, 2, LANES), _q_spec(t, 2, LANES)],
+        out_specs=[_k_spec(t, 1), _k_spec(t, 1)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((t.block_k, t.head_dim), f32), pltpu.VMEM((t.block_k, t.head_dim), f32)],
+        compiler_params=_params(t), interpret=t.interpret, name=KERNEL_NAMES[1], metadata=_meta(t, KERNEL_NAMES[1]),
+        cost_estimate=costs[KERNEL_NAMES[1]])(q, k, v, do, lse, delta)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, t=t), grid=(t.rows, t.q_len // t.block_q, t.kv_len // t.block_k),
+        in_specs=[_q_spec(t, 1, t.head_dim), _k_spec(t, 2), _k_spec(t, 2), _q_spec(t, 1, t.head_dim),
+                  _q_spec(t, 1, LANES), _q_spec(t, 1, LANES)],
+        out_specs=_q_spec(t, 1, t.head_dim),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((t.block_q, t.head_dim), f32)],
+        compiler_params=_params(t), interpret=t.interpret, name=KERNEL_NAMES[2], metadata=_meta(t, KERNEL_NAMES[2]),
+        cost_estimate=costs[KERNEL_NAMES[2]])(q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, t: Tiling):
+    return _forward(q, k, v, t)[0]
+
+
+def _flash_fwd(q, k, v, t: Tiling):
+    o, lse = _forward(q, k, v, t)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(t: Tiling, residuals, do):
+    q, k, v, o, lse = residuals
+    delta = jnp.broadcast_to(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True),
+                             lse.shape)
+    return (_backward_fused if t.fused_backward else _backward)(q, k, v, do, lse, delta, t)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
+           fused_backward: bool = True, interpret: bool = False) -> Tiling:
+    """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D)."""
+    b, l, h, d = q_shape
+    s = k_shape[1]
+    bq = min(block_q, _round_up(l, LANES))
+    bk = min(block_k, _round_up(s, LANES))
+    return Tiling(rows=b * h, q_len=_round_up(l, bq), kv_len=_round_up(s, bk), kv_real=s,
+                  head_dim=_round_up(d, LANES) if pad_head else d, block_q=bq, block_k=bk,
+                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
+                  fused_backward=fused_backward)
+
+
+def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
+                    fused_backward: bool = True, interpret: bool = False):
+    """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
+
+    q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
+    in Pallas' interpreter (any backend, for tests)."""
+    b, l, h, d = q_BLHD.shape
+    t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
+               fused_backward=fused_backward, interpret=interpret)
+    scale = jnp.asarray(d**-0.5, q_BLHD.dtype)
+
+    def rows(x_BXHD, length):
+        x = jnp.transpose(x_BXHD, (0, 2, 1, 3)).reshape(b * h, x_BXHD.shape[1], d)
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, t.head_dim - d)))
+
+    out = _flash(rows(q_BLHD * scale, t.q_len), rows(k_BSHD, t.kv_len), rows(v_BSHD, t.kv_len), t)
+    return jnp.transpose(out[:, :l, :d].reshape(b, h, l, d), (0, 2, 1, 3))
+
+
+def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
+    """`flash_attention` split over the mesh the program is traced under (`jax.set_mesh`), or None when the
+    batch and the heads both fail to divide over it (the caller then takes the XLA path).
+
+    A Mosaic kernel cannot be partitioned by the compiler, so it runs under `shard_map`, each device on its
+    share of the batch (or, when the batch does not divide, of the heads). The mesh is the one jax's sharding
+    context carries while tracing: a property of the compilation, like `in_shardings`, not of the model, so one
+    model compiles for any mesh, and a call deep in the UNet needs no mesh argument threaded to it. Without a
+    context mesh the program is taken to run on one device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    kwargs.setdefault("pad_head", getattr(device, "device_kind", None) not in NARROW_HEADS)
+    axes = () if mesh.empty else tuple(
+        a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    if size == 1:
+        return flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs)
+    batch, heads = q_BLHD.shape[0], q_BLHD.shape[2]
+    if batch % size == 0:
+        spec = jax.sharding.PartitionSpec(axes, None, None, None)
+    elif heads % size == 0:
+        spec = jax.sharding.PartitionSpec(None, None, axes, None)
+    else:
+        return None
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:  # sharding in types: inputs must carry the split
+        q_BLHD, k_BSHD, v_BSHD = (jax.sharding.reshard(x, spec) for x in (q_BLHD, k_BSHD, v_BSHD))
+    body = functools.partial(flash_attention, **kwargs)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, axis_names=set(axes),
+                         check_vma=False)(q_BLHD, k_BSHD, v_BSHD)

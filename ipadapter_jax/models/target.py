@@ -1,0 +1,43 @@
+"""The platform a model is compiled for, applied to a built model as static choices (house rule 11).
+
+The target is the platform of the devices the program runs on (`platform_of(mesh)`), which is not the host's
+`jax.default_backend()`: a CPU host traces and compiles programs for TPU slices. `set_target` fixes, on every
+module of a built model, the choices that depend on it: each attention module's `AttentionPolicy` and each
+convolution's CPU-only GEMM input gradient. They are static attributes, part of the graph, as a remat policy is.
+A model built with no target (`None`) takes the portable XLA paths everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.models.attention_policy import PLATFORMS, AttentionPolicy
+
+
+def platform_of(mesh_or_devices) -> str:
+    """"cpu", "gpu" or "tpu": the platform of a mesh's (or a device list's) devices."""
+    devices = getattr(mesh_or_devices, "devices", mesh_or_devices)  # a Mesh's device grid, or a device list
+    platforms = {d.platform for d in np.asarray(devices, dtype=object).flat}
+    if len(platforms) != 1:
+        raise ConfigError(f"the devices span several platforms ({', '.join(sorted(platforms))}); use one kind.")
+    platform = platforms.pop()
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    if platform not in PLATFORMS:
+        raise ConfigError(f"platform {platform!r} is not supported; use one of {', '.join(PLATFORMS)}.")
+    return platform
+
+
+def set_target(root: nnx.Module, platform: str | None) -> None:
+    """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`)."""
+    if platform is not None and platform not in PLATFORMS:
+        raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
+    from ipadapter_jax.models.layers import Conv2d
+
+    for _, module in nnx.iter_modules(root):
+        if isinstance(module, Conv2d):
+            module.cpu_gemm_gradient = platform == "cpu"
+        policy = getattr(module, "attention_impl", None)
+        if isinstance(policy, AttentionPolicy):
+            module.attention_impl = policy.for_platform(platform)

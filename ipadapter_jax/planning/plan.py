@@ -1,0 +1,118 @@
+"""`plan_train` / `plan_generate`: compile the real step for a TPU slice on this (CPU) host with libtpu and
+report whether it fits and how fast the TPU compiler estimates it runs. No TPU and no weights are needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import time
+
+import numpy as np
+from jax.sharding import Mesh
+
+from ipadapter_jax import sharding as sharding_lib
+from ipadapter_jax.errors import UserError
+from ipadapter_jax.planning import bases, report, steps
+from ipadapter_jax.planning.topology import INSTALL_HINT, Topology, parse_topology
+from ipadapter_jax.training.config import TrainConfig, load_train_config
+
+
+def require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError(f"compiling for a TPU slice needs libtpu, the TPU compiler, which is not installed: "
+                        f"{INSTALL_HINT}.")
+
+
+def _mesh(devices: list, data: int, fsdp: int) -> Mesh:
+    from jax.experimental import mesh_utils
+
+    shape = sharding_lib.axis_sizes(sharding_lib.MeshConfig(data=data, fsdp=fsdp), len(devices))
+    try:  # ICI-aware placement of the axes on the slice's torus
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, sharding_lib.AXES)
+
+
+def _compile(program: steps.Program):
+    start = time.perf_counter()
+    compiled = program.lower().compile()
+    return compiled, time.perf_counter() - start
+
+
+def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate:
+    """The training step of `config` (a `train/*.yaml` recipe) compiled for `topology`."""
+    require_libtpu()
+    topology = parse_topology(topology) if isinstance(topology, str) else topology
+    base = bases.base_architecture(config.model.base or "sd15")
+    encoder = bases.image_encoder_config(config.model.image_encoder, base)
+    notes = []
+    accum = config.optimizer.grad_accum_steps
+    if accum > 1:  # the compiler counts a loop body once: plan one microbatch, scale by the count
+        config = dataclasses.replace(config, global_batch_size=config.global_batch_size // accum,
+                                     optimizer=dataclasses.replace(config.optimizer, grad_accum_steps=1))
+        notes.append(f"one of {accum} accumulated microbatches compiled; time and FLOPs scaled by {accum}")
+    if not config.data.cache:
+        notes.append("the cached-encoder step (data.cache); a raw-image step also runs the VAE and CLIP encoders")
+    mesh = _mesh(topology.devices(), config.mesh.data, config.mesh.fsdp)
+    program = steps.train_program(config, base, encoder, mesh)
+    compiled, seconds = _compile(program)
+    estimate = report.analyse(program, compiled, topology, seconds, total_steps=config.total_steps, notes=notes)
+    if accum > 1:
+        estimate.est_step_s *= accum
+        estimate.flops_per_chip_step *= accum
+        estimate.model_flops_per_chip_step *= accum
+        estimate.items_per_step *= accum
+        estimate.batch_per_chip *= accum
+    if not estimate.fits:
+        estimate.notes.append(
+            f"does not fit: lower global_batch_size ({estimate.batch_per_chip:g} per chip now), set "
+            "model.remat=dots_no_batch (or full), optimizer.grad_accum_steps=N, or mesh.fsdp=N to split weights")
+    return estimate
+
+
+def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: Topology | str,
+                  image_encoder: str | None = None) -> report.Estimate:
+    """One denoising step of batch generation (`run_denoise` with a one-step plan: the compiler counts a loop
+    body once, and every step of the loop is this one) for `batch_per_chip` images on every chip."""
+    require_libtpu()
+    topology = parse_topology(topology) if isinstance(topology, str) else topology
+    base = bases.base_architecture(base_name)
+    encoder = bases.image_encoder_config(image_encoder, base)
+    mesh = _mesh(topology.devices(), -1, settings.fsdp)
+    program = steps.generate_program(dataclasses.replace(settings, steps=1), base, encoder, mesh)
+    compiled, seconds = _compile(program)
+    program.unet_calls = settings.steps
+    notes = [f"one denoising step compiled; images/s counts {settings.steps} steps per image"]
+    estimate = report.analyse(program, compiled, topology, seconds, notes=notes)
+    if not estimate.fits:
+        estimate.notes.append(f"does not fit: lower --batch-per-chip ({settings.batch_per_chip} now) or split the "
+                              "weights with --fsdp N")
+    return estimate
+
+
+def plan_from_args(args) -> str:
+    """The `ipadapter-jax plan` command's output (table, or JSON with `--json`) from its parsed arguments."""
+    require_libtpu()
+    # No TPU is opened here, only its compiler: let plans run beside other libtpu processes (libtpu otherwise
+    # takes a machine-wide lock meant for the chips). Read when libtpu starts, so before the first compile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topology = parse_topology(args.topology, args.slices)
+    if args.job == "train":
+        if args.config is None:
+            raise UserError("plan --job train needs --config train/<recipe>.yaml (and optional key=value overrides).")
+
+        estimate = plan_train(load_train_config(args.config, args.overrides), topology)
+    else:
+        if args.overrides:
+            raise UserError(f"key=value overrides apply to --job train only, not {' '.join(args.overrides)}.")
+        base = bases.base_architecture(args.base)
+        size = base.unet.sample_size * base.vae_scale_factor
+        settings = steps.GenerateSettings(
+            height=args.height or size, width=args.width or size, steps=args.steps, guidance=args.guidance,
+            batch_per_chip=args.batch_per_chip, dtype=args.dtype,
+            adapter=None if args.adapter == "none" else args.adapter, num_tokens=args.num_tokens,
+            scheduler=args.scheduler, attention=args.attention, fsdp=args.fsdp)
+        estimate = plan_generate(args.base, settings, topology, args.image_encoder)
+    return report.dumps(estimate) if args.json else report.table(estimate)

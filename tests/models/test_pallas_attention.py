@@ -1,0 +1,95 @@
+"""The Pallas flash-attention kernels (run by Pallas' interpreter on CPU) compute the XLA path's attention and
+its gradients, and declare the cost of the work they really issue.
+
+Bounds: float32 throughout, so both sides round every product and sum at float32's 2^-24 ~ 6e-8; the kernels
+reorder the softmax sums (online max, per block) and the backward recomputes probabilities from the saved
+log-sum-exp, so results differ by rounding accumulated over a few hundred terms: relative errors of ~1e-7 to
+1e-6 (measured 1e-7 to 4e-7), bounded at 1e-5.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference_models import rel_err
+
+from ipadapter_jax.models import pallas_attention as pa
+from ipadapter_jax.models.attention import _plain
+
+
+def _qkv(b, l, s, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+                 for shape in ((b, l, h, d), (b, s, h, d), (b, s, h, d)))
+
+
+def _loss(fn):
+    # sin() makes the cotangent differ per element, so every gradient entry is exercised.
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+
+CASES = {
+    "self, no padding": (1, 256, 256, 2, 128, True),  # whole blocks, head width already 128 lanes
+    "self, padded rows and SD1.5 heads": (1, 320, 320, 2, 40, True),  # rows 320 -> 384, width 40 -> 128
+    "self, SD1.5 heads kept 40 wide": (1, 256, 256, 2, 40, False),
+    "cross, 77 text tokens": (2, 256, 77, 2, 40, True),  # keys padded 77 -> 128 and masked
+    "cross, 4 IP tokens (SDXL width)": (2, 256, 4, 2, 64, True),
+    "cross, 16 IP tokens (Plus)": (1, 128, 16, 2, 64, False),
+}
+
+
+@pytest.mark.parametrize(("case", "fused"), [(c, True) for c in CASES] + [
+    ("self, padded rows and SD1.5 heads", False), ("cross, 77 text tokens", False)])  # the two-kernel backward
+def test_kernels_match_xla_forward_and_gradients(case, fused):
+    b, l, s, h, d, pad_head = CASES[case]
+    q, k, v = _qkv(b, l, s, h, d)
+
+    def flash(q, k, v):
+        return pa.flash_attention(q, k, v, block_q=128, block_k=128, pad_head=pad_head, fused_backward=fused,
+                                  interpret=True)
+
+    assert rel_err(jax.jit(flash)(q, k, v), _plain(q, k, v)) < 1e-5
+    ours = jax.jit(jax.grad(_loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(_loss(_plain), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a, r) < 1e-5, name
+
+
+def test_sharded_over_a_mesh_matches_xla():
+    """Under `jax.set_mesh` the kernels run in shard_map, split by batch (or heads when the batch does not
+    divide): the same numbers as the unsplit XLA path."""
+    auto = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))  # as sharding.py
+    explicit = jax.make_mesh((4, 2), ("data", "fsdp"), devices=jax.devices()[:8],
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    for mesh, (b, h) in ((auto, (8, 2)), (auto, (2, 8)), (explicit, (8, 2))):  # split by batch, or by heads
+        q, k, v = _qkv(b, 128, 128, h, 64, seed=b)
+        flash = jax.jit(lambda q, k, v: pa.sharded_flash_attention(q, k, v, block_q=128, block_k=128,
+                                                                   interpret=True))
+        with jax.set_mesh(mesh):
+            text = flash.lower(q, k, v).as_text()
+            out = flash(q, k, v)
+        assert "shard_map" in text or "manual" in text.lower()
+        assert rel_err(out, _plain(q, k, v)) < 1e-5
+    with jax.set_mesh(auto):  # neither divides: the caller's XLA path
+        assert pa.sharded_flash_attention(*_qkv(3, 128, 128, 3, 64), interpret=True) is None
+
+
+def test_declared_costs_count_the_issued_work():
+    t = pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16)  # SD1.5 64x64 self-attention
+    lsd = 16 * 4096 * 4096 * 128  # rows x L x S x head width as issued to the 128-lane matrix unit
+    costs = pa.kernel_costs(t)
+    assert costs["ipadapter_flash_fwd"].flops == 4 * lsd
+    assert costs["ipadapter_flash_dkv"].flops == 8 * lsd
+    assert costs["ipadapter_flash_dq"].flops == 6 * lsd
+    assert costs["ipadapter_flash_bwd"].flops == 10 * lsd  # fused: s recomputed once, not twice
+    # Bytes: at least every operand once (q, k, v, o in bf16 and the float32 log-sum-exp), plus the re-reads
+    # of k and v for each of the 8 query blocks.
+    qkvo = 4 * 16 * 4096 * 128 * 2
+    assert costs["ipadapter_flash_fwd"].bytes_accessed == qkvo + 16 * 4096 * 128 * 4 + 7 * 2 * 16 * 4096 * 128 * 2
+    narrow = pa.kernel_costs(pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16, pad_head=False))
+    assert narrow["ipadapter_flash_fwd"].flops == costs["ipadapter_flash_fwd"].flops  # same matrix-unit work
+    assert narrow["ipadapter_flash_fwd"].bytes_accessed < costs["ipadapter_flash_fwd"].bytes_accessed
+    for cost in costs.values():
+        assert cost.transcendentals >= 16 * 4096 * 4096  # one exp per score

@@ -1,0 +1,72 @@
+"""Implementation choices follow the platform a model is built for (house rule 11), never the host's backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.models.attention import Attention
+from ipadapter_jax.models.layers import Conv2d, abstract_model
+from ipadapter_jax.models.target import platform_of, set_target
+from ipadapter_jax.models.unet import UNet2DConditionModel
+from ipadapter_jax.models.unet_config import UNetConfig
+
+# Three levels: the 32x32 level has 1024-token self-attention (the chunked/Pallas sizes), the 8x8 level
+# 128-channel convolutions whose kernels dwarf their activations (where the CPU GEMM gradient pays).
+TINY = UNetConfig.from_dict({
+    "block_out_channels": [32, 64, 128], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
+    "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8})
+
+
+def _training_gradient(platform):
+    unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform=platform, dtype=jnp.bfloat16,
+                                                       rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(unet)
+
+    def loss(x, state):
+        out = nnx.merge(graphdef, state)(x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16))
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss), (jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.bfloat16), state)
+
+
+def test_cpu_target_takes_the_cpu_paths_and_others_do_not():
+    grad, args = _training_gradient("cpu")
+    text = jax.jit(grad).lower(*args).as_text(debug_info=True)
+    assert "cpu_chunked_attention" in text and "cpu_gemm_conv" in text
+    grad, args = _training_gradient(None)  # no target: portable XLA paths
+    text = jax.jit(grad).lower(*args).as_text(debug_info=True)
+    assert "cpu_chunked_attention" not in text and "cpu_gemm_conv" not in text
+
+
+def test_tpu_target_traced_on_a_cpu_host_uses_the_pallas_kernels():
+    """The same host, a TPU target: the trace holds the Pallas kernel, not the CPU paths (the TPU-compiled HLO
+    is checked in tests/planning/test_tpu_plan.py, which needs libtpu)."""
+    grad, args = _training_gradient("tpu")
+    jaxpr = str(jax.make_jaxpr(grad)(*args))
+    assert jaxpr.count("pallas_call") >= 2  # forward and backward of the 1024-token self-attention
+    assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_bwd" in jaxpr
+
+
+def test_set_target_makes_static_choices_on_every_module():
+    unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform="cpu", rngs=nnx.Rngs(0)))
+    convs = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Conv2d)]
+    attentions = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Attention)]
+    assert convs and all(c.cpu_gemm_gradient for c in convs)
+    assert attentions and all(a.attention_impl.platform == "cpu" for a in attentions)
+    set_target(unet, "tpu")
+    assert not any(c.cpu_gemm_gradient for c in convs)
+    assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
+    with pytest.raises(ConfigError, match="quantum"):
+        set_target(unet, "quantum")
+
+
+def test_platform_of_a_mesh_is_its_devices_platform():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    assert platform_of(mesh) == "cpu"
+    assert platform_of(jax.devices()[:1]) == "cpu"

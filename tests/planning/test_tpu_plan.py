@@ -1,0 +1,77 @@
+"""Compiling for a TPU slice on this CPU host, with libtpu in its own virtualenv (a subprocess): a tiny UNet's
+training step and batch-generation step for v5e:2x2, on a data mesh and an fsdp mesh.
+
+The TPU virtualenv is `$IPADAPTER_JAX_TPU_PYTHON` (set by .ci/run) or `.venv-tpu/bin/python` at the repository
+root. Under CI it must exist; elsewhere the test is skipped with the command that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MAKE_VENV = 'python -m venv .venv-tpu && .venv-tpu/bin/pip install -e ".[tpu,data]"'
+
+
+def _tpu_python() -> str:
+    given = os.environ.get("IPADAPTER_JAX_TPU_PYTHON")
+    path = Path(given) if given else ROOT / ".venv-tpu" / "bin" / "python"
+    if path.exists():
+        return str(path)
+    message = f"no TPU virtualenv (libtpu) at {path}; make one with: {MAKE_VENV}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # compile beside other libtpu processes (no TPU is opened)
+    proc = subprocess.run([_tpu_python(), str(Path(__file__).with_name("tpu_worker.py")), "v5e:2x2"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_tpu_target_compiles_without_the_cpu_paths(results):
+    hlo = next(r for r in results if r["job"] == "hlo")
+    assert hlo["tpu_custom_call"] > 0  # the Pallas kernels, compiled by Mosaic
+    assert hlo["cpu_chunked_attention"] == 0 and hlo["cpu_gemm_conv"] == 0
+
+
+@pytest.mark.parametrize(("job", "fsdp"), [("train", 1), ("train", 2), ("generate", 2)])
+def test_tiny_steps_compile_and_report(results, job, fsdp):
+    r = next(r for r in results if r["job"] == job and r["fsdp"] == fsdp)
+    assert r["topology"] == "v5e:2x2" and r["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp}
+    assert r["fits"] and 0 < r["hbm_used_bytes_per_chip"] < r["hbm_capacity_bytes_per_chip"]
+    assert r["hbm_argument_bytes"] > 0 and r["hbm_temp_bytes"] > 0
+    assert r["flops_per_chip_step"] > 1e9 and 0 < r["est_step_s"] < 1 and 0 < r["est_mfu"] < 1
+    assert r["images_per_s"] > 0
+    kernels = r["kernels"]
+    names = {"ipadapter_flash_fwd"} | ({"ipadapter_flash_bwd"} if job == "train" else set())
+    assert names <= set(kernels)  # the 1024-token self-attention runs our Pallas kernels
+    for k in kernels.values():  # declared costs: issued work (128-lane heads) above the useful math
+        assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
+    assert 0 < r["kernel_time_share"] < 1
+    assert r["flops_per_chip_step"] - r["model_flops_per_chip_step"] == pytest.approx(
+        sum(k["flops"] - k["useful_flops"] for k in kernels.values()))
+
+
+def test_json_has_the_documented_keys(results):
+    keys = {"fits", "topology", "mesh", "batch_per_chip", "hbm_used_bytes_per_chip", "hbm_capacity_bytes_per_chip",
+            "flops_per_chip_step", "est_step_s", "est_mfu", "images_per_s", "est_total_hours"}
+    for r in results:
+        if r["job"] != "hlo":
+            assert keys <= set(r)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

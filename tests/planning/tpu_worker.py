@@ -1,0 +1,83 @@
+"""Run by tests/planning/test_tpu_plan.py with the TPU virtualenv's python (libtpu installed): lower a tiny
+TPU-targeted UNet gradient, plan a tiny training step (data mesh, fsdp mesh) and batch-generation step (fsdp
+mesh) for a v5e:2x2 slice, and print each result as one JSON line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+TINY_UNET = {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
+             "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 32}
+TINY_ENCODER = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 24, "image_size": 32,
+                "patch_size": 8}
+
+
+def write_base(root: Path) -> Path:
+    """A diffusers-style folder with only the configs the planner reads (no weights)."""
+    configs = {"unet/config.json": TINY_UNET, "vae/config.json": {"block_out_channels": [8, 8, 8, 8]},
+               "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+                                                   "beta_start": 0.00085, "beta_end": 0.012},
+               "image_encoder/config.json": TINY_ENCODER}
+    for name, value in configs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(value))
+    return root
+
+
+def hlo_check(topology: str) -> dict:
+    """A tiny UNet's training gradient built for TPU and lowered for one chip of the slice: which paths its HLO
+    holds (the CPU-only ones are named scopes, `models/attention.py` and `models/conv.py`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.models.layers import abstract_model
+    from ipadapter_jax.models.unet import UNet2DConditionModel
+    from ipadapter_jax.models.unet_config import UNetConfig
+    from ipadapter_jax.planning import parse_topology
+
+    config = UNetConfig.from_dict({**TINY_UNET, "block_out_channels": [32, 64, 128],
+                                   "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                                   "up_block_types": ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]})
+    unet = abstract_model(lambda: UNet2DConditionModel(config, platform="tpu", dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(unet)
+    one = NamedSharding(jax.sharding.Mesh(parse_topology(topology).devices()[:1], ("data",)), P())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state)
+
+    def loss(x, state):
+        out = nnx.merge(graphdef, state)(x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16))
+        return jnp.sum(out.astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.bfloat16, sharding=one)
+    text = jax.jit(jax.grad(loss)).lower(x, state).as_text(debug_info=True)
+    return {"job": "hlo", **{k: text.count(k) for k in ("tpu_custom_call", "cpu_chunked_attention", "cpu_gemm_conv")}}
+
+
+def main(topology: str) -> None:
+    from ipadapter_jax.planning import GenerateSettings, plan_generate, plan_train
+    from ipadapter_jax.planning.report import dumps
+    from ipadapter_jax.training.config import load_train_config
+
+    print(json.dumps(hlo_check(topology)), flush=True)
+    root = write_base(Path(tempfile.mkdtemp()))
+    for fsdp, remat in ((1, "dots_no_batch"), (2, "none")):  # a data mesh, then data x fsdp (the UNet split)
+        config = load_train_config(None, [f"model.base={root}", f"model.image_encoder={root / 'image_encoder'}",
+                                          "model.variant=base", "model.dtype=bfloat16", "data.resolution=256",
+                                          "global_batch_size=8", "total_steps=1000", f"mesh.fsdp={fsdp}",
+                                          f"model.remat={remat}"])
+        print(json.dumps({"job": "train", "fsdp": fsdp, **json.loads(dumps(plan_train(config, topology)))}),
+              flush=True)
+    settings = GenerateSettings(height=256, width=256, steps=20, batch_per_chip=1, adapter="plus", fsdp=2)
+    estimate = plan_generate(str(root), settings, topology, str(root / "image_encoder"))
+    print(json.dumps({"job": "generate", "fsdp": 2, **json.loads(dumps(estimate))}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "v5e:2x2")
