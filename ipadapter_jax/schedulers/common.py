@@ -232,6 +232,23 @@ def divide(x: jax.Array, scalar: jax.Array | float) -> jax.Array:
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(scalar, x.dtype), x.shape))
 
 
+def predicted_original(kind: str, sample: jax.Array, model_output: jax.Array, sqrt_a: jax.Array, sqrt_b: jax.Array,
+                       clip_range: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """(x0, eps) from a model output of `kind` (epsilon, sample or v_prediction) at a step whose noise level is
+    sqrt(alpha_bar) = `sqrt_a`, sqrt(1 - alpha_bar) = `sqrt_b`; x0 clipped to +-`clip_range` when given."""
+    if kind == "epsilon":
+        x0, eps = divide(sample - sqrt_b * model_output, sqrt_a), model_output
+    elif kind == "sample":
+        x0 = model_output
+        eps = divide(sample - sqrt_a * x0, sqrt_b)
+    else:  # v_prediction
+        x0 = sqrt_a * sample - sqrt_b * model_output
+        eps = sqrt_a * model_output + sqrt_b * sample
+    if clip_range is not None:
+        x0 = jnp.clip(x0, -clip_range, clip_range)
+    return x0, eps
+
+
 # ---------------------------------------------------------------- the sampler interface
 
 

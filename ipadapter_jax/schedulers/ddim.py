@@ -10,8 +10,8 @@ from ipadapter_jax.schedulers.common import (
     Plan,
     Scheduler,
     discrete_timesteps,
-    divide,
     f32,
+    predicted_original,
     require_choice,
     require_off,
 )
@@ -67,19 +67,8 @@ class DDIM(Scheduler):
         c = {k: v[i] for k, v in plan.coeffs.items()}
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        kind = self.fields["prediction_type"]
-        if kind == "epsilon":
-            x0 = divide(x - c["sqrt_b_t"] * out, c["sqrt_a_t"])
-            eps = out
-        elif kind == "sample":
-            x0 = out
-            eps = divide(x - c["sqrt_a_t"] * x0, c["sqrt_b_t"])
-        else:  # v_prediction
-            x0 = c["sqrt_a_t"] * x - c["sqrt_b_t"] * out
-            eps = c["sqrt_a_t"] * out + c["sqrt_b_t"] * x
-        if self.fields["clip_sample"]:
-            bound = float(self.fields["clip_sample_range"])
-            x0 = jnp.clip(x0, -bound, bound)
+        clip = float(self.fields["clip_sample_range"]) if self.fields["clip_sample"] else None
+        x0, eps = predicted_original(self.fields["prediction_type"], x, out, c["sqrt_a_t"], c["sqrt_b_t"], clip)
         std = c["eta"] * jnp.sqrt(c["variance"])
         direction = jnp.sqrt(1 - c["a_prev"] - std * std) * eps
         prev = c["sqrt_a_prev"] * x0 + direction

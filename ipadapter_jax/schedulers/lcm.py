@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.errors import ConfigError
-from ipadapter_jax.schedulers.common import Plan, Scheduler, divide, f32, require_choice, require_off
+from ipadapter_jax.schedulers.common import Plan, Scheduler, f32, predicted_original, require_choice, require_off
 
 _SIGMA_DATA = np.float32(0.5)
 
@@ -89,16 +89,8 @@ class LCM(Scheduler):
         c = {k: v[i] for k, v in plan.coeffs.items()}
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        kind = self.fields["prediction_type"]
-        if kind == "epsilon":
-            x0 = divide(x - c["sqrt_b_t"] * out, c["sqrt_a_t"])
-        elif kind == "sample":
-            x0 = out
-        else:  # v_prediction
-            x0 = c["sqrt_a_t"] * x - c["sqrt_b_t"] * out
-        if self.fields["clip_sample"]:
-            bound = float(self.fields["clip_sample_range"])
-            x0 = jnp.clip(x0, -bound, bound)
+        clip = float(self.fields["clip_sample_range"]) if self.fields["clip_sample"] else None
+        x0, _ = predicted_original(self.fields["prediction_type"], x, out, c["sqrt_a_t"], c["sqrt_b_t"], clip)
         denoised = c["c_out"] * x0 + c["c_skip"] * x
         if plan.needs_noise:
             denoised = c["renoise_x0"] * denoised + c["renoise_eps"] * noise.astype(jnp.float32)
