@@ -124,7 +124,6 @@ class IPAdapterPipeline:
         bound = [stages.Bound.of(c, replicated) for c in self.controlnets]
         self._control_graphs = tuple(b.graphdef for b in bound)
         self._control_states = tuple(b.state for b in bound)
-        self._schedulers: dict[str, object] = {}  # by name: one object per name, so a named sampler compiles once
         self.load_seconds = 0.0
         self.sources: dict = {}  # what was loaded (from_pretrained): batch resume compares it
 
@@ -383,9 +382,7 @@ class IPAdapterPipeline:
         guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch,))
         rescale = np.broadcast_to(np.asarray(guidance_rescale, np.float32), (batch,))
         cfg = bool(np.any(guidance > 1.0))
-        if scheduler is not None and scheduler not in self._schedulers:
-            self._schedulers[scheduler] = make_scheduler(scheduler, base.scheduler_config)
-        sched = base.scheduler if scheduler is None else self._schedulers[scheduler]
+        sched = base.scheduler if scheduler is None else make_scheduler(scheduler, base.scheduler_config)
         plan = sched.plan(num_inference_steps, strength=strength, eta=eta)
         controls = self._control_guidance(control, control_scale, control_start, control_end, guess_mode, batch,
                                           height, width, plan.num_steps)

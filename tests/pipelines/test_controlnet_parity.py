@@ -125,6 +125,9 @@ def test_two_controlnets_with_ip_adapter_match_diffusers_and_never_recompile(tin
     _check("two ControlNets", got, expected)
     without = ours(["a red square", "a blue circle"], **call, control_scale=0.0).latents
     assert rel_err(without, expected) > 1e-2  # the ControlNets really steer
+    empty = ours(["a red square", "a blue circle"], **call, control_start=0.5, control_end=0.5).latents
+    np.testing.assert_array_equal(empty, without)  # an empty window is a zero scale
+    assert stages.run_denoise._cache_size() == compiled
 
 
 def test_controlnet_inpainting_on_a_nine_channel_unet_matches_diffusers(tiny, torch, monkeypatch):
