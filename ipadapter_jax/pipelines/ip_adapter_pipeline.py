@@ -32,16 +32,15 @@ from ipadapter_jax.errors import UserError
 from ipadapter_jax.generation import prompts, stages
 from ipadapter_jax.generation.conditioning import Conditioning, guided, sdxl_time_ids
 from ipadapter_jax.generation.controlnet import ControlGuidance
-from ipadapter_jax.generation.denoise import Inpainting
 from ipadapter_jax.generation.image_features import image_processor_for, pixel_values
 from ipadapter_jax.ip_adapter import IPAdapter, attach, check_image_encoder, merge_faceid_lora
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.resnet import nearest_resize
 from ipadapter_jax.models.target import platform_of, set_target
 from ipadapter_jax.pipelines.components import BaseModels, load_base, load_controlnets
 from ipadapter_jax.pipelines.control_inputs import control_items, control_rows, per_controlnet
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks
+from ipadapter_jax.pipelines.initial_latents import Noise, initial_latents
 from ipadapter_jax.pipelines.layer_controls import adapter_controls, composition_tokens, place_controls
 from ipadapter_jax.pipelines.settings import check_fits, check_generation
 from ipadapter_jax.schedulers import make_scheduler
@@ -58,32 +57,6 @@ class GenerationOutput:
     images: list  # PIL images (output_type="pil"), or a (B, H, W, 3) uint8 array ("np")
     latents: np.ndarray  # final latents before decoding, diffusers' NCHW layout
     timings: dict[str, float]
-
-
-@dataclasses.dataclass
-class Noise:
-    """Every random draw of one batch, explicit so that runs can be replayed against another implementation.
-
-    latents: (B, h, w, C) initial noise; image: VAE posterior noise of the init image (img2img, inpainting);
-    masked: VAE posterior noise of the masked image (inpainting); keys: (B,) per-item keys for samplers that
-    draw fresh noise at every step (Euler ancestral, DDIM with eta > 0).
-    """
-
-    latents: np.ndarray
-    image: np.ndarray
-    masked: np.ndarray
-    keys: jax.Array
-
-    @classmethod
-    def from_seeds(cls, seeds: Sequence[int], shape: tuple[int, ...]) -> Noise:
-        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
-        if bad:
-            raise UserError(f"seeds must lie in [0, 2**32), not {bad[0]}.")
-        keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
-        parts = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
-        draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
-        return cls(latents=np.array(draw(parts[:, 0])), image=np.array(draw(parts[:, 1])),
-                   masked=np.array(draw(parts[:, 2])), keys=parts[:, 3])
 
 
 class IPAdapterPipeline:
@@ -405,7 +378,8 @@ class IPAdapterPipeline:
         timings["image_prompt_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latents, inpaint = self._initial_latents(sched, plan, noise, batch, height, width, init, mask, strength)
+        latents, inpaint = initial_latents(self._vae, self._place, base.unet.config.in_channels, sched, plan, noise,
+                                           batch, height, width, init, mask, strength)
         cond = self._place_conditioning(cond)
         final = stages.run_denoise(self._unet.graphdef, self._unet.state, sched, plan,
                                    self._place(latents, batch), cond, self._place(guidance, batch),
@@ -499,41 +473,6 @@ class IPAdapterPipeline:
         scales, masks = tuple(scales), tuple(masks)
         return (IPConditioning(tokens=tuple(negatives), scales=scales, masks=masks, controls=tuple(neg_controls)),
                 IPConditioning(tokens=tuple(positives), scales=scales, masks=masks, controls=tuple(pos_controls)))
-
-    def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
-        """Pure noise (text-to-image), the noised init image (image-to-image), plus mask inputs (inpainting)."""
-        vae = self._vae
-        unet_channels = self.base.unet.config.in_channels
-        if init is None:
-            if unet_channels != noise.latents.shape[-1]:
-                raise UserError(f"this UNet takes {unet_channels} input channels (an inpainting model): pass "
-                                "init_image and mask_image.")
-            return jnp.asarray(noise.latents) * plan.init_noise_sigma, None
-        inits = init if isinstance(init, (list, tuple)) else [init] * batch
-        pixels = np.stack([imaging.vae_input(i, height, width) for i in inits])
-        nine = unet_channels == 9
-        need_image_latents = mask is None or not nine or strength < 1.0
-        image_latents = (stages.vae_encode(vae.graphdef, vae.state, self._place(pixels, batch),
-                                           self._place(noise.image, batch)) if need_image_latents else None)
-        if mask is None:
-            return sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0), None
-        if unet_channels not in (4, 9):
-            raise UserError(f"inpainting supports 4- and 9-channel UNets, not {unet_channels}.")
-        masks = mask if isinstance(mask, (list, tuple)) else [mask] * batch
-        binary = np.stack([imaging.binary_mask(m, height, width) for m in masks])[..., None]
-        masked_pixels = np.ascontiguousarray(pixels * (binary < 0.5))
-        masked = stages.vae_encode(vae.graphdef, vae.state, self._place(masked_pixels, batch),
-                                   self._place(noise.masked, batch))
-        small = nearest_resize(jnp.asarray(binary), noise.latents.shape[1:3])
-        if strength == 1.0:
-            latents = jnp.asarray(noise.latents) * plan.init_noise_sigma
-        else:
-            latents = sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0)
-        inpaint = Inpainting(mask=self._place(small, batch), masked_latents=masked if nine else None,
-                             image_latents=None if nine else image_latents,
-                             noise=None if nine else self._place(jnp.asarray(noise.latents), batch))
-        return latents, inpaint
-
 
 
 def _controlnet_name(k: int, n: int) -> str:
