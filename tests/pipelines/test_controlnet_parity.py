@@ -205,3 +205,23 @@ def test_kohya_and_diffusers_loras_with_lcm_match_diffusers(tiny, torch, monkeyp
                     latents=torch.from_numpy(_nchw(noise.latents)), **common)
     assert not queue.arrays  # three re-noisings for four steps
     _check("LoRAs + LCM", got, expected)
+
+
+def test_faceid_lora_and_base_loras_add_up(tiny):
+    """A FaceID adapter's own LoRA is merged beside the fused LoRA files: each changes the kernels by its own
+    delta, whichever else is loaded."""
+    lora = write_tiny_lora(tiny["root"] / "style.safetensors", tiny["sd15"], style="peft", seed=13)
+    faceid = write_tiny_ip_adapter(tiny["root"] / "faceid.bin", tiny["sd15"], tiny["encoder"], variant="faceid")
+
+    def to_q(unet):
+        return np.asarray(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.kernel[...])
+
+    def kernel(**kwargs):
+        one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+        return to_q(IPAdapterPipeline.from_pretrained(tiny["sd15"], mesh=one, **kwargs).base.unet)
+
+    base = to_q(load_unet(tiny["sd15"] / "unet"))
+    both, face_only = kernel(adapters=[faceid], loras=[(lora, 0.6)]), kernel(adapters=[faceid])
+    lora_only = kernel(loras=[(lora, 0.6)])
+    assert rel_err(face_only, base) > 1e-3 and rel_err(lora_only, base) > 1e-3
+    np.testing.assert_allclose(both - face_only, lora_only - base, rtol=0, atol=1e-6 * np.abs(base).max())
