@@ -150,7 +150,7 @@ def test_batch_with_controlnet_on_eight_devices_gives_each_item_its_single_devic
     manifest = t["root"] / "jobs.jsonl"
     manifest.write_text("\n".join(json.dumps(i) for i in items))
     flags = ["--controlnet", str(t["controlnet"]), "--lora", f"{t['lora']}:0.7", "--control-scale", "0.8",
-             "--control-end", "0.75", "--steps", "2"]
+             "--control-end", "0.75", "--guess-mode", "--steps", "2"]  # guess mode: split rows sliced per device
     assert main(["batch", *_models(t, *flags), "--manifest", str(manifest), "--out", str(tmp_path / "eight")]) == 1
     err = capsys.readouterr().err
     for name, reason in (("missing", "nowhere.png does not exist"), ("broken", "is not a readable image"),
@@ -161,7 +161,7 @@ def test_batch_with_controlnet_on_eight_devices_gives_each_item_its_single_devic
     one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     single = IPAdapterPipeline.from_pretrained(t["base"], image_encoder=t["encoder"], adapters=[t["adapter"]],
                                                controlnets=[t["controlnet"]], loras=[(t["lora"], 0.7)], mesh=one)
-    defaults = dict(steps=2, control_scale=0.8, control_end=0.75)
+    defaults = dict(steps=2, control_scale=0.8, control_end=0.75, guess_mode=True)
     report = run_batch(single, manifest, tmp_path / "one", batch_size=1, defaults=defaults, progress=False)
     assert sorted(report.written) == ["a", "b", "c"]
     pixels = {}
@@ -171,4 +171,4 @@ def test_batch_with_controlnet_on_eight_devices_gives_each_item_its_single_devic
         pixels[name] = eight
     assert not np.array_equal(pixels["a"], pixels["c"])
     sidecar = json.loads((tmp_path / "eight" / "a.json").read_text())
-    assert sidecar["control_scale"] == [0.5] and sidecar["control_end"] == [0.75]
+    assert sidecar["control_scale"] == [0.5] and sidecar["control_end"] == [0.75] and sidecar["guess_mode"]
