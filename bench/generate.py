@@ -4,9 +4,13 @@ project (JAX) against diffusers (PyTorch) in the same run, same machine, same fo
 process (see _common.py). Also load time from the local folder and the first call's compile time; on a GPU,
 images/s and the fraction of peak FLOP/s.
 
-    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--dtype float32]
+    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--dtype float32] [--controlnet]
 
 Last line: RESULT name=generate ours_s=<median> reference_s=<median> speedup=<reference/ours>
+
+With --controlnet an SD1.5-size ControlNet is written too and each side times calls with and without it, in
+turn, in the same process; the last line is then the added cost of one ControlNet per denoising step:
+RESULT name=controlnet_step ours_s=<added s/step> reference_s=<added s/step> speedup=<reference/ours>
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ipadapter_jax.tiny_models import (
     SCHEDULER,
     write_random_image_encoder,
     write_random_pipeline,
+    write_tiny_controlnet,
     write_tiny_ip_adapter,
 )
 
@@ -61,6 +66,28 @@ def write_models(root: Path) -> tuple[Path, Path, Path]:
     return base, encoder, adapter
 
 
+def write_controlnet(root: Path, base: Path) -> Path:
+    """An SD1.5-size ControlNet (lllyasviel/control_v11p_sd15_* layout) with random weights."""
+    return write_tiny_controlnet(root / "controlnet", base, conditioning_embedding_out_channels=[16, 32, 96, 256])
+
+
+def control_image(size: int):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(1).random((size, size, 3)) > 0.9).astype(np.uint8) * 255)
+
+
+def timed_pairs(run_plain, run_control, repeats: int) -> tuple[list[float], list[float]]:
+    """Alternate calls without and with the ControlNet, so that load from elsewhere falls on both alike."""
+    plain, control = [], []
+    for r in range(repeats):
+        for fn, out in ((run_plain, plain), (run_control, control)):
+            start = time.perf_counter()
+            fn(r + 1)
+            out.append(time.perf_counter() - start)
+    return plain, control
+
+
 def reference_image():
     from PIL import Image
 
@@ -74,10 +101,22 @@ def side_ours(base, encoder, adapter, args) -> None:
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 
     start = time.perf_counter()
-    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[adapter], dtype=args.dtype)
+    controlnets = [base.parent / "controlnet"] if args.controlnet else []
+    pipe = IPAdapterPipeline.from_pretrained(base, image_encoder=encoder, adapters=[adapter], dtype=args.dtype,
+                                             controlnets=controlnets)
     load_s = time.perf_counter() - start
     call = dict(images=[reference_image()], num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
                 width=args.size, num_images_per_prompt=args.batch, output_type="np")
+    if args.controlnet:
+        plain = IPAdapterPipeline(pipe.base, pipe.adapters, image_encoder=pipe.image_encoder,
+                                  image_processor=pipe.image_processor, mesh=pipe.mesh)
+        hint = control_image(args.size)
+        for p, extra in ((plain, {}), (pipe, dict(control_image=hint))):  # compile both first
+            p("a photo", seed=0, **call, **extra)
+        times, cn_times = timed_pairs(lambda s: plain("a photo", seed=s, **call),
+                                      lambda s: pipe("a photo", seed=s, control_image=hint, **call), args.repeats)
+        return emit({"load_s": load_s, "times": times, "cn_times": cn_times, "backend": jax.default_backend(),
+                     "device": jax.devices()[0].device_kind, "jax": jax.__version__})
     start = time.perf_counter()
     pipe("a photo", seed=0, **call)
     first_s = time.perf_counter() - start
@@ -106,6 +145,26 @@ def side_reference(base, encoder, adapter, args) -> None:
     load_s = time.perf_counter() - start
     call = dict(ip_adapter_image=reference_image(), num_inference_steps=args.steps, guidance_scale=7.5,
                 height=args.size, width=args.size, num_images_per_prompt=args.batch, output_type="np")
+    if args.controlnet:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        controlnet = ControlNetModel.from_pretrained(base.parent / "controlnet", torch_dtype=dtype).to(device)
+        with_cn = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+        with_cn.set_progress_bar_config(disable=True)
+        hint = control_image(args.size)
+
+        def run_with(p, seed, **extra):
+            with torch.no_grad():
+                p("a photo", generator=torch.Generator(device).manual_seed(seed), **call, **extra)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        run_with(pipe, 0)
+        run_with(with_cn, 0, image=hint)
+        times, cn_times = timed_pairs(lambda s: run_with(pipe, s), lambda s: run_with(with_cn, s, image=hint),
+                                      args.repeats)
+        return emit({"load_s": load_s, "times": times, "cn_times": cn_times, "torch": torch.__version__,
+                     "threads": torch.get_num_threads()})
 
     def run(seed):
         with torch.no_grad():
@@ -134,6 +193,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--models", type=Path, help="reuse (or create) the random model folder here")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--controlnet", action="store_true", help="the added cost of one ControlNet per step")
     p.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
     root = args.models or Path(tempfile.mkdtemp(prefix="ipadapter-bench-"))
@@ -146,9 +206,13 @@ def main() -> None:
     start = time.perf_counter()
     if not (base / "model_index.json").exists():
         write_models(root)
+    if args.controlnet and not (root / "controlnet" / "config.json").exists():
+        write_controlnet(root, base)
     print(f"models in {root} ({time.perf_counter() - start:.0f} s to write); {args.steps} steps, "
           f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {os.cpu_count()} CPUs")
     argv = [a for a in sys.argv[1:] if a != "--skip-reference"] + ([] if args.models else ["--models", str(root)])
+    if args.controlnet:
+        return controlnet_result(argv, args)
     ours = run_side(Path(__file__), argv, "ours")
     median = statistics.median(ours["times"])
     print(f"ours (jax {ours['jax']} on {ours['device']}): load {ours['load_s']:.1f} s, first call (compile + run) "
@@ -169,6 +233,21 @@ def main() -> None:
           f"first call {ref['first_s']:.1f} s, median {ref_median:.2f} s "
           f"({', '.join(f'{t:.2f}' for t in ref['times'])}), {args.batch / ref_median:.3f} images/s")
     print(f"RESULT name=generate ours_s={median:.4f} reference_s={ref_median:.4f} speedup={ref_median / median:.2f}")
+
+
+def controlnet_result(argv: list[str], args) -> None:
+    """Each side's added seconds per step with one ControlNet: (median with - median without) / steps."""
+    added = {}
+    for side in ("ours", "reference") if not args.skip_reference else ("ours",):
+        report = run_side(Path(__file__), argv, side)
+        plain, with_cn = statistics.median(report["times"]), statistics.median(report["cn_times"])
+        added[side] = (with_cn - plain) / args.steps
+        print(f"{side}: without ControlNet {plain:.2f} s ({', '.join(f'{t:.2f}' for t in report['times'])}), with "
+              f"{with_cn:.2f} s ({', '.join(f'{t:.2f}' for t in report['cn_times'])}) per call: +{added[side]:.3f} s "
+              f"per step ({(with_cn - plain) / plain:+.0%})")
+    ref = added.get("reference", float("nan"))
+    print(f"RESULT name=controlnet_step ours_s={added['ours']:.4f} reference_s={ref:.4f} "
+          f"speedup={ref / added['ours']:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,70 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="IP-Adapter file or folder, local or owner/repo/path; repeat for several adapters")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--variant", help="weights variant of the base, e.g. fp16")
-    g.add_argument("--scheduler", choices=["ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"],
-                   help="sampler (default: the base folder's scheduler)")
+    g.add_argument("--scheduler",
+                   choices=["ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "lcm"],
+                   help="sampler (default: the base folder's scheduler; lcm for LCM-LoRA, 2-8 steps, --guidance 1)")
     g.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "pallas"])
     g.add_argument("--fsdp", type=int, default=1,
                    help="split every weight over groups of this many devices (models too large for one chip)")
+    g.add_argument("--controlnet", action="append", default=[],
+                   help="diffusers ControlNet folder or hub id (lllyasviel/control_v11p_sd15_canny); repeat for "
+                        "several")
+    g.add_argument("--lora", action="append", default=[], type=_lora,
+                   help="LoRA .safetensors (diffusers/PEFT or kohya, local or owner/repo/file) fused into the base, "
+                        "FILE[:WEIGHT] (default weight 1); repeat for several")
+
+
+def _lora(text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT]: the weight is what follows the last colon when it reads as a number."""
+    path, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _add_controlnet_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    g = p.add_argument_group("ControlNet" + (" (defaults for items that do not set them)" if batch else ""))
+    if not batch:
+        g.add_argument("--control-image", action="append", default=[],
+                       help="conditioning image of a ControlNet: one per --controlnet, in the same order")
+        g.add_argument("--control-preprocess", metavar="canny[:low,high]",
+                       help="turn the control images into canny edge maps first (OpenCV: pip install "
+                            "'ipadapter-jax[cv]'; default thresholds 100,200)")
+    g.add_argument("--control-scale", action="append", type=float, default=[],
+                   help="conditioning scale: once for all ControlNets or once per ControlNet (default 1)")
+    g.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where ControlNets start")
+    g.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where they stop")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets act on the conditional branch only, their residuals ramped (diffusers' guess "
+                        "mode)")
+
+
+def _controlnet_settings(args) -> dict:
+    """The ControlNet flags checked before any model loads: per ControlNet scale, window and guess mode."""
+    from ipadapter_jax.errors import UserError
+    from ipadapter_jax.pipelines.control_inputs import check_control_settings, per_controlnet
+    from ipadapter_jax.pipelines.settings import number
+
+    for path, weight in args.lora:
+        number(f"the weight of --lora {path}", weight)
+    n = len(args.controlnet)
+    used = [flag for flag, given in (("--control-image", getattr(args, "control_image", None)),
+                                     ("--control-preprocess", getattr(args, "control_preprocess", None)),
+                                     ("--control-scale", args.control_scale), ("--guess-mode", args.guess_mode),
+                                     ("--control-start", args.control_start != 0.0),
+                                     ("--control-end", args.control_end != 1.0)) if given]
+    if not n:
+        if used:
+            raise UserError(f"{used[0]} needs --controlnet (the ControlNet it steers).")
+        return {}
+    scales = per_controlnet(args.control_scale or [1.0], n, "--control-scale")
+    check_control_settings(scales, [args.control_start], [args.control_end])
+    return dict(control_scale=scales, control_start=args.control_start, control_end=args.control_end,
+                guess_mode=args.guess_mode)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, defaults_only: bool = False) -> None:
@@ -107,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="IP scale: a float, a JSON per-block dict, or a preset (style, style_and_layout); "
                           "repeat per adapter")
     _add_control_args(gen)
+    _add_controlnet_args(gen)
     gen.add_argument("--ip-start", type=float, default=0.0, help="fraction of the steps where the image prompt starts")
     gen.add_argument("--ip-end", type=float, default=1.0, help="fraction of the steps where it stops")
     gen.add_argument("--prompt", default="")
@@ -126,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="generate every item of a JSONL manifest, data-parallel, resumable")
     _add_model_args(batch)
     _add_sampling_args(batch, defaults_only=True)
+    _add_controlnet_args(batch, batch=True)
     batch.add_argument("--manifest", required=True, type=Path)
     batch.add_argument("--out", required=True, type=Path)
     batch.add_argument("--batch-size", type=int, help="items per compiled batch (default: the device count)")
@@ -208,7 +269,9 @@ def _plan(args) -> None:
 
 def _generate(args) -> None:
     from ipadapter_jax import images as imaging
+    from ipadapter_jax.errors import UserError
     from ipadapter_jax.outputs import check_outputs, save_npy
+    from ipadapter_jax.pipelines.control_inputs import load_control_image, parse_preprocess, require_opencv
     from ipadapter_jax.pipelines.image_prompt import ImagePrompt, load_image_embeds, per_adapter, save_image_embeds
     from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
     from ipadapter_jax.pipelines.settings import check_generation, load_array
@@ -220,17 +283,28 @@ def _generate(args) -> None:
     latent = args.output_type == "latent"
     paths = _numbered(args.out, args.num_images, latent)
     references = [p for spec in args.image for p in spec.split(",")]
+    control = _controlnet_settings(args)
+    if len(args.control_image) != len(args.controlnet):
+        raise UserError(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image were "
+                        "given; give one control image per ControlNet, in the same order.")
+    preprocess = parse_preprocess(args.control_preprocess)
+    if preprocess:
+        require_opencv()
     inputs = [*references, *args.negative_image, *args.mask, *args.face_embeds, *args.composition_image,
-              args.init_image, args.mask_image, args.latents, args.embeds]
+              args.init_image, args.mask_image, args.latents, args.embeds, *args.control_image,
+              *(path for path, _ in args.lora)]
     check_outputs(paths, inputs=inputs, overwrite=args.overwrite)
     if args.save_embeds:
         check_outputs([args.save_embeds], inputs=inputs, overwrite=args.overwrite, flag="--save-embeds")
     faces = [load_array(f, "face embedding") for f in args.face_embeds]
     latents = load_array(args.latents, "--latents") if args.latents else None
+    if control:
+        control["control_image"] = [load_control_image(p, preprocess) for p in args.control_image]
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, scheduler=args.scheduler, variant=args.variant,
-                                             attention_impl=args.attention, fsdp=args.fsdp)
+                                             attention_impl=args.attention, fsdp=args.fsdp,
+                                             controlnets=args.controlnet, loras=args.lora)
     n = len(pipe.adapters)
     if n == 1:
         images = [references]
@@ -256,7 +330,7 @@ def _generate(args) -> None:
                height=args.height, width=args.width, num_images_per_prompt=args.num_images, seed=args.seed,
                latents=latents, init_image=args.init_image, strength=args.strength, mask_image=args.mask_image,
                ip_window=(args.ip_start, args.ip_end), eta=args.eta, embeds=embeds,
-               output_type="latent" if latent else "pil")
+               output_type="latent" if latent else "pil", **control)
     if latent:
         for path, array in zip(paths, out.latents, strict=True):
             save_npy(path, array[None])
@@ -298,6 +372,7 @@ def _batch(args) -> int:
     if args.batch_size is not None:
         number("--batch-size", args.batch_size, low=1, integer=True)
     check_manifest_path(args.manifest)
+    control = _controlnet_settings(args)
     if args.distributed:
         import jax
 
@@ -310,10 +385,10 @@ def _batch(args) -> int:
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, variant=args.variant, attention_impl=args.attention,
-                                             fsdp=args.fsdp)
+                                             fsdp=args.fsdp, controlnets=args.controlnet, loras=args.lora)
     defaults = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
                 "height": args.height, "width": args.width, "seed": args.seed, "scheduler": args.scheduler,
-                "eta": args.eta}
+                "eta": args.eta, **control}
     report = run_batch(pipe, args.manifest, args.out, batch_size=args.batch_size, defaults=defaults,
                        contact_sheet=args.contact_sheet)
     redone = f" ({len(report.redone)} regenerated: their settings changed)" if report.redone else ""

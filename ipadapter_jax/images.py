@@ -45,6 +45,12 @@ def vae_input(image, height: int, width: int) -> np.ndarray:
     return pixels * 2.0 - 1.0
 
 
+def control_input(image, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control image processor makes
+    it (RGB, Lanczos-resized to the output size when it differs, not normalised)."""
+    return np.asarray(_resized(load_image(image, what="control image"), height, width), np.float32) / 255.0
+
+
 def binary_mask(mask, height: int, width: int) -> np.ndarray:
     """(H, W) float32 of 0/1: grayscale, Lanczos-resized, thresholded at 0.5 (white = 1 = repaint)."""
     if isinstance(mask, np.ndarray) and mask.ndim == 2:

@@ -57,6 +57,19 @@ def rel_err(ours, ref) -> float:
     return float(diff / scale)
 
 
+class NoiseQueue:
+    """Stands in for diffusers' randn_tensor: hands out our noise arrays (NHWC -> NCHW) in call order."""
+
+    def __init__(self, torch, arrays):
+        self.torch, self.arrays = torch, list(arrays)
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        array = self.arrays.pop(0)
+        t = self.torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
+        assert tuple(t.shape) == tuple(shape), (t.shape, shape)
+        return t.to(dtype or self.torch.float32)
+
+
 def save_vae(folder: Path, config: dict, seed: int = 0, **save_kwargs):
     from diffusers import AutoencoderKL
 

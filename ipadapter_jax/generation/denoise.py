@@ -1,8 +1,8 @@
 """The denoising loop as one pure function (a `lax.fori_loop`), to be called under `jax.jit`.
 
 Batches with classifier-free guidance come interleaved per item (generation/conditioning.py). Latents and
-sampler math stay float32; the UNet computes in its own dtype. Guidance, IP scales, masks and the IP window are
-traced values.
+sampler math stay float32; the UNet computes in its own dtype. Guidance, IP scales, masks, the IP window and the
+ControlNets' images, scales and windows (generation/controlnet.py) are traced values.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.generation.conditioning import Conditioning
+from ipadapter_jax.generation.controlnet import ControlGuidance, control_residuals
+from ipadapter_jax.models.controlnet import ControlNetModel
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.schedulers import Plan, Scheduler
@@ -56,24 +58,32 @@ def step_noise(keys: jax.Array, i, shape: tuple[int, ...]) -> jax.Array:
 
 def denoise(unet: UNet2DConditionModel, scheduler: Scheduler, plan: Plan, latents: jax.Array, cond: Conditioning,
             *, guidance_scale: jax.Array, guidance_rescale: jax.Array, ip_window: jax.Array, keys: jax.Array,
-            cfg: bool, inpaint: Inpainting | None = None) -> jax.Array:
+            cfg: bool, inpaint: Inpainting | None = None, controlnets: tuple[ControlNetModel, ...] = (),
+            control: ControlGuidance | None = None) -> jax.Array:
     """Run every step of `plan` from `latents` (B, h, w, 4), already scaled by the initial noise sigma.
-    `guidance_scale`/`guidance_rescale`: scalars or (B,) per item."""
+    `guidance_scale`/`guidance_rescale`: scalars or (B,) per item. `controlnets` with `control`: their summed
+    residuals are added to the UNet's skip tensors and mid block at every step."""
     dtype = unet.conv_in.kernel.dtype
     nine_channel = unet.config.in_channels == 9
     if nine_channel and (inpaint is None or inpaint.masked_latents is None):
         raise ValueError("a 9-channel inpainting UNet needs a mask and masked-image latents")
+    if len(controlnets) != (0 if control is None else len(control.images)):
+        raise ValueError("pass one ControlGuidance image and scale per ControlNet, or neither")
     state = scheduler.init_state(plan, latents.shape, jnp.float32)
 
     def body(i, carry):
         x, state = carry
         x_in = _repeat2(x) if cfg else x
         x_in = scheduler.scale_model_input(plan, x_in, i)
+        residuals = {}
+        if controlnets:  # before the inpainting concat: the ControlNets read the 4 latent channels only
+            down, mid = control_residuals(controlnets, control, i, x_in, plan.timesteps[i], cond, cfg=cfg)
+            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if nine_channel:
             extra = jnp.concatenate([inpaint.mask, inpaint.masked_latents], axis=-1)
             x_in = jnp.concatenate([x_in, _repeat2(extra) if cfg else extra], axis=-1)
         out = unet(x_in.astype(dtype), plan.timesteps[i], cond.context, text_embeds=cond.pooled,
-                   time_ids=cond.time_ids, ip=_ip_at_step(cond.ip, i, plan.num_steps, ip_window))
+                   time_ids=cond.time_ids, ip=_ip_at_step(cond.ip, i, plan.num_steps, ip_window), **residuals)
         out = out.astype(jnp.float32)
         if cfg:
             pairs = out.reshape(x.shape[0], 2, *x.shape[1:])

@@ -14,6 +14,7 @@ from flax import nnx
 from ipadapter_jax.generation import image_features as features
 from ipadapter_jax.generation import prompts
 from ipadapter_jax.generation.conditioning import Conditioning
+from ipadapter_jax.generation.controlnet import ControlGuidance
 from ipadapter_jax.generation.denoise import Inpainting, denoise
 from ipadapter_jax.models.adapter_spec import AdapterSpec
 from ipadapter_jax.models.image_proj import project_tokens
@@ -73,9 +74,14 @@ def vae_decode(graphdef, state, latents_BHWC):
     return vae.pixels_from_latents(latents_BHWC).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnums=(0, 2, 10))
+@partial(jax.jit, static_argnums=(0, 2, 10), static_argnames=("control_graphs",))
 def run_denoise(graphdef, state, scheduler: Scheduler, plan: Plan, latents, cond: Conditioning, guidance_scale,
-                guidance_rescale, ip_window, keys, cfg: bool, inpaint: Inpainting | None):
+                guidance_rescale, ip_window, keys, cfg: bool, inpaint: Inpainting | None, *,
+                control_graphs: tuple = (), control_states: tuple = (), control: ControlGuidance | None = None):
+    """`control_graphs`/`control_states`: the ControlNets' split halves (graphs static, weights traced), with
+    `control` their traced images, scales and windows."""
     unet = nnx.merge(graphdef, state)
+    controlnets = tuple(nnx.merge(g, s) for g, s in zip(control_graphs, control_states, strict=True))
     return denoise(unet, scheduler, plan, latents, cond, guidance_scale=guidance_scale,
-                   guidance_rescale=guidance_rescale, ip_window=ip_window, keys=keys, cfg=cfg, inpaint=inpaint)
+                   guidance_rescale=guidance_rescale, ip_window=ip_window, keys=keys, cfg=cfg, inpaint=inpaint,
+                   controlnets=controlnets, control=control)

@@ -109,8 +109,9 @@ def _status(out: Path, item_id: str, digest: str) -> str:
 def _group_key(pipe: IPAdapterPipeline, item: dict, prompts: list[ImagePrompt]) -> tuple:
     size = item["height"] or pipe.base.default_size, item["width"] or pipe.base.default_size
     shapes = tuple((p.num_images, p.combine, bool(p.masks), json.dumps(p.masks, default=str)) for p in prompts)
+    control = tuple(tuple(item.get(k) or ()) for k in ("control_start", "control_end")) + (item.get("guess_mode"),)
     return (size, item["steps"], item["scheduler"], item["eta"], item["guidance"] > 1.0, item["init_image"] is not None,
-            item["mask_image"] is not None, item["strength"], tuple(item["ip_window"]), shapes)
+            item["mask_image"] is not None, item["strength"], tuple(item["ip_window"]), shapes, control)
 
 
 def run_batch(pipe: IPAdapterPipeline, manifest: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -123,7 +124,7 @@ def run_batch(pipe: IPAdapterPipeline, manifest: str | os.PathLike, out_dir: str
         raise UserError(f"--out {out} is a file; give a folder for the images and their sidecars.")
     if batch_size is not None:
         number("batch_size", batch_size, low=1, integer=True)
-    items, failed = read_manifest(manifest, len(pipe.adapters), defaults)
+    items, failed = read_manifest(manifest, len(pipe.adapters), defaults, len(pipe.controlnets))
     out.mkdir(parents=True, exist_ok=True)
     devices = pipe.mesh.size
     batch_size = batch_size or devices
@@ -144,6 +145,8 @@ def run_batch(pipe: IPAdapterPipeline, manifest: str | os.PathLike, out_dir: str
             for key in ("init_image", "mask_image"):
                 if item[key] is not None:
                     imaging.load_image(item[key], what=key.replace("_", " "))
+            for path in item.get("control_images") or ():
+                imaging.load_image(path, what="control image")
         except UserError as e:
             report.failed[item["id"]] = str(e).rstrip(".") + "."
             continue
@@ -208,7 +211,8 @@ def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, repo
         guidance_rescale=[item["guidance_rescale"] for item, _ in padded], height=height, width=width,
         init=None if init is None else [item["init_image"] for item, _ in padded],
         mask=None if first["mask_image"] is None else [item["mask_image"] for item, _ in padded],
-        strength=strength, ip_window=first["ip_window"], eta=first["eta"], scheduler=first["scheduler"])
+        strength=strength, ip_window=first["ip_window"], eta=first["eta"], scheduler=first["scheduler"],
+        **_control_arguments(pipe, padded))
     seconds = (time.perf_counter() - t0) / len(padded)
     pixels = _gather(pixels)
     if jax.process_index() != 0:  # every process ran the batch; the first one writes it
@@ -223,6 +227,18 @@ def _run_chunk(pipe: IPAdapterPipeline, padded: list, real: int, out: Path, repo
                        scheduler=item["scheduler"] or type(pipe.base.scheduler).__name__)
         _write_json(out / f"{item['id']}.json", sidecar)
         report.written.append(item["id"])
+
+
+def _control_arguments(pipe: IPAdapterPipeline, padded: list) -> dict:
+    """generate_batch's ControlNet arguments: per ControlNet each item's image and scale; the group's windows."""
+    if not pipe.controlnets:
+        return {}
+    first = padded[0][0]
+    per_net = range(len(pipe.controlnets))
+    return dict(control=[[item["control_images"][k] for item, _ in padded] for k in per_net],
+                control_scale=[[item["control_scale"][k] for item, _ in padded] for k in per_net],
+                control_start=first["control_start"], control_end=first["control_end"],
+                guess_mode=first["guess_mode"])
 
 
 def _gather(x) -> np.ndarray:

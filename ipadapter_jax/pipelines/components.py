@@ -11,11 +11,15 @@ from ipadapter_jax.data.transforms import load_tokenizer
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.clip_text import CLIPTextModel
+from ipadapter_jax.models.controlnet import ControlNetModel
+from ipadapter_jax.models.controlnet_config import ControlNetConfig
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.vae import AutoencoderKL
 from ipadapter_jax.schedulers import Scheduler, load_scheduler
+from ipadapter_jax.weights.controlnet import check_controlnet, load_controlnet
 from ipadapter_jax.weights.diffusers_models import load_text_encoder, load_unet, load_vae
-from ipadapter_jax.weights.hub import resolve
+from ipadapter_jax.weights.hub import resolve, resolve_path
+from ipadapter_jax.weights.pretrained import read_config
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
@@ -73,3 +77,18 @@ def load_base(base: str | Path, *, dtype="float32", variant: str | None = None, 
     return BaseModels(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=sched,
                       scheduler_config=sched_config, folder=folder,
                       force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", xl)))
+
+
+def load_controlnets(specs, unet: UNet2DConditionModel, *, dtype="float32", attention_impl: Implementation = "auto",
+                     sharding=None) -> tuple[list[Path], list[ControlNetModel]]:
+    """ControlNet folders (local, a hub repo id such as lllyasviel/control_v11p_sd15_canny, or owner/repo/folder),
+    each checked against `unet` from its config before its weights load. Returns (folders, models)."""
+    folders, models = [], []
+    for k, spec in enumerate(specs):
+        name = "the ControlNet" if len(specs) == 1 else f"ControlNet {k + 1} of {len(specs)} ({spec})"
+        local = Path(spec).expanduser().exists() or len(str(spec).split("/")) != 2
+        folder = resolve_path(spec, what="ControlNet") if local else resolve(spec, what="ControlNet")
+        check_controlnet(ControlNetConfig.from_dict(read_config(folder)), unet, name=name)
+        folders.append(folder)
+        models.append(load_controlnet(folder, dtype=dtype, attention_impl=attention_impl, sharding=sharding))
+    return folders, models

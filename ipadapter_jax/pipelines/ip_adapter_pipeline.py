@@ -6,6 +6,9 @@ SDXL, data-parallel over every device of a mesh (parameters replicated, the batc
                                              adapters=["h94/IP-Adapter/models/ip-adapter_sd15.safetensors"])
     images = pipe("best quality", images=["ref.png"], scale=0.6, seed=0).images
 
+ControlNets (`controlnets=[...]` at load, `control_image=` per call) and LoRAs fused into the base
+(`loras=[(path, weight)]`) work with every mode.
+
 Image k of a call with `seed` s is exactly the image a call with seed s + k and one image would give, on any
 number of devices.
 """
@@ -28,22 +31,25 @@ from ipadapter_jax import images as imaging
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.generation import prompts, stages
 from ipadapter_jax.generation.conditioning import Conditioning, guided, sdxl_time_ids
-from ipadapter_jax.generation.denoise import Inpainting
+from ipadapter_jax.generation.controlnet import ControlGuidance
 from ipadapter_jax.generation.image_features import image_processor_for, pixel_values
 from ipadapter_jax.ip_adapter import IPAdapter, attach, check_image_encoder, merge_faceid_lora
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.resnet import nearest_resize
 from ipadapter_jax.models.target import platform_of, set_target
-from ipadapter_jax.pipelines.components import BaseModels, load_base
+from ipadapter_jax.pipelines.components import BaseModels, load_base, load_controlnets
+from ipadapter_jax.pipelines.control_inputs import control_items, control_rows, per_controlnet
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks
+from ipadapter_jax.pipelines.initial_latents import Noise, initial_latents
 from ipadapter_jax.pipelines.layer_controls import adapter_controls, composition_tokens, place_controls
 from ipadapter_jax.pipelines.settings import check_fits, check_generation
 from ipadapter_jax.schedulers import make_scheduler
 from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
+from ipadapter_jax.weights.controlnet import check_controlnet
 from ipadapter_jax.weights.diffusers_models import load_image_encoder
 from ipadapter_jax.weights.hub import resolve_path
 from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
+from ipadapter_jax.weights.lora import fuse_loras
 
 
 @dataclasses.dataclass
@@ -53,39 +59,17 @@ class GenerationOutput:
     timings: dict[str, float]
 
 
-@dataclasses.dataclass
-class Noise:
-    """Every random draw of one batch, explicit so that runs can be replayed against another implementation.
-
-    latents: (B, h, w, C) initial noise; image: VAE posterior noise of the init image (img2img, inpainting);
-    masked: VAE posterior noise of the masked image (inpainting); keys: (B,) per-item keys for samplers that
-    draw fresh noise at every step (Euler ancestral, DDIM with eta > 0).
-    """
-
-    latents: np.ndarray
-    image: np.ndarray
-    masked: np.ndarray
-    keys: jax.Array
-
-    @classmethod
-    def from_seeds(cls, seeds: Sequence[int], shape: tuple[int, ...]) -> Noise:
-        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
-        if bad:
-            raise UserError(f"seeds must lie in [0, 2**32), not {bad[0]}.")
-        keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
-        parts = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
-        draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
-        return cls(latents=np.array(draw(parts[:, 0])), image=np.array(draw(parts[:, 1])),
-                   masked=np.array(draw(parts[:, 2])), keys=parts[:, 3])
-
-
 class IPAdapterPipeline:
     def __init__(self, base: BaseModels, adapters: Sequence[IPAdapter] = (), *, image_encoder=None,
-                 image_processor=None, mesh: Mesh | None = None, sharded_params: bool = False):
+                 image_processor=None, mesh: Mesh | None = None, sharded_params: bool = False, controlnets=()):
         """`mesh`: the devices to split batches over (default: all). `sharded_params`: the models were loaded
-        already placed (FSDP, see `from_pretrained(fsdp=...)`), so keep their placement instead of replicating."""
+        already placed (FSDP, see `from_pretrained(fsdp=...)`), so keep their placement instead of replicating.
+        `controlnets`: ControlNetModels that steer the base UNet, each checked against it."""
         self.base = base
         self.adapters = list(adapters)
+        self.controlnets = list(controlnets)
+        for k, controlnet in enumerate(self.controlnets):
+            check_controlnet(controlnet, base.unet, name=_controlnet_name(k, len(self.controlnets)))
         self.image_encoder = image_encoder
         self.image_processor = image_processor
         if any(a.spec.needs_image_encoder for a in self.adapters):
@@ -97,7 +81,7 @@ class IPAdapterPipeline:
                 if a.spec.needs_image_encoder:
                     check_image_encoder(a.spec, image_encoder)
         self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
-        for model in (base.unet, base.vae, *base.text_encoders, image_encoder):
+        for model in (base.unet, base.vae, *base.text_encoders, image_encoder, *self.controlnets):
             if model is not None:  # kernels and layouts for the platform of the mesh's devices
                 set_target(model, platform_of(self.mesh))
         replicated = None if sharded_params else NamedSharding(self.mesh, P())
@@ -110,6 +94,9 @@ class IPAdapterPipeline:
         self._encoder = stages.Bound.of(image_encoder, replicated) if image_encoder is not None else None
         small = NamedSharding(self.mesh, P())  # projections are small: always replicated
         self._projections = [stages.Bound.of(a.image_proj, small) for a in self.adapters]
+        bound = [stages.Bound.of(c, replicated) for c in self.controlnets]
+        self._control_graphs = tuple(b.graphdef for b in bound)
+        self._control_states = tuple(b.state for b in bound)
         self.load_seconds = 0.0
         self.sources: dict = {}  # what was loaded (from_pretrained): batch resume compares it
 
@@ -118,9 +105,14 @@ class IPAdapterPipeline:
                         adapters: Sequence[str | Path] = (), dtype="float32", scheduler: str | None = None,
                         variant: str | None = None, attention_impl: Implementation = "auto",
                         revision: str | None = None, faceid_lora_scale: float = 1.0,
-                        mesh: Mesh | None = None, fsdp: int = 1) -> IPAdapterPipeline:
+                        mesh: Mesh | None = None, fsdp: int = 1, controlnets: Sequence[str | Path] = (),
+                        loras: Sequence[tuple[str | Path, float]] = ()) -> IPAdapterPipeline:
         """Load a diffusers base (folder or hub id), an image encoder and IP-Adapters (official files or our
         Flax folders, local or `owner/repo/path`), computing in `dtype`.
+
+        `controlnets`: diffusers ControlNet folders or hub ids (`lllyasviel/control_v11p_sd15_canny`), each checked
+        against the base before its weights load. `loras`: (file, weight) pairs (diffusers/PEFT or kohya
+        `.safetensors`, local or `owner/repo/file`) fused into the UNet and text encoders.
 
         `fsdp > 1` splits every weight over groups of that many devices (for models that do not fit one chip):
         the mesh becomes (data, fsdp), weights are placed split as they load, and batches use all devices."""
@@ -134,6 +126,10 @@ class IPAdapterPipeline:
         models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
                            attention_impl=attention_impl, scheduler=scheduler, revision=revision,
                            sharding=placement)
+        lora_files = [(resolve_path(path, what="LoRA"), float(weight)) for path, weight in loras]
+        fuse_loras(models.unet, models.text_encoders, lora_files)  # checks every file before changing anything
+        control_folders, control_models = load_controlnets(controlnets, models.unet, dtype=dtype,
+                                                           attention_impl=attention_impl, sharding=placement)
         files = [resolve_path(a, what="IP-Adapter") for a in adapters]
         loaded = [load_ip_adapter(f, unet_config=models.unet.config, dtype=dtype) for f in files]
         attach(models.unet, loaded)
@@ -147,12 +143,17 @@ class IPAdapterPipeline:
             encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl, sharding=placement)
             processor = image_processor_for(folder, encoder.image_size)
         pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh,
-                   sharded_params=placement is not None)
+                   sharded_params=placement is not None, controlnets=control_models)
         pipe.load_seconds = time.perf_counter() - start
         pipe.sources = {"base": str(base), "image_encoder": None if image_encoder is None else str(image_encoder),
                         "adapters": [str(a) for a in adapters], "dtype": str(dtype), "variant": variant,
                         "scheduler": scheduler, "faceid_lora_scale": faceid_lora_scale,
                         "weights": [weights_fingerprint(p) for p in (models.folder, *files)]}
+        if controlnets or loras:  # only then, so that earlier batch outputs keep their settings hash
+            pipe.sources.update(controlnets=[str(c) for c in controlnets],
+                                loras=[[str(p), float(w)] for p, w in loras],
+                                control_weights=[weights_fingerprint(p) for p in
+                                                 (*control_folders, *(f for f, _ in lora_files))])
         return pipe
 
     # ------------------------------------------------------------------------------------------ image prompts
@@ -230,10 +231,16 @@ class IPAdapterPipeline:
                  mask_image=None, ip_window: tuple[float, float] = (0.0, 1.0), eta: float = 0.0,
                  scheduler: str | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), embeds=None, output_type: str = "pil",
-                 noise: Noise | None = None) -> GenerationOutput:
+                 noise: Noise | None = None, control_image=None, control_scale=1.0, control_start=0.0,
+                 control_end=1.0, guess_mode: bool = False) -> GenerationOutput:
         """Generate. `images`: per adapter an image, a list of images or an `ImagePrompt`; plain images take
         `scale`. `init_image` makes it image-to-image (`strength`, default 0.8), plus `mask_image` inpainting
-        (white = repaint; default strength 1.0). `latents`: initial noise in diffusers' NCHW layout."""
+        (white = repaint; default strength 1.0). `latents`: initial noise in diffusers' NCHW layout.
+
+        ControlNets: `control_image` per ControlNet (one image, or one per prompt; a bare image with one
+        ControlNet); `control_scale`, `control_start` and `control_end` once for all or per ControlNet (the window
+        in fractions of the steps); `guess_mode` runs them on the conditional branch only. Without height and
+        width, text-to-image takes the first control image's size."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_generation(steps=num_inference_steps, guidance=guidance_scale, guidance_rescale=guidance_rescale,
@@ -248,10 +255,12 @@ class IPAdapterPipeline:
         image_prompts = [i if isinstance(i, ImagePrompt) else ImagePrompt(images=i, scale=scale)
                          for i in (images or [])]
         init = imaging.load_image(init_image, what="init image") if init_image is not None else None
+        control = control_items(control_image, len(self.controlnets), len(prompts_list), num_images_per_prompt)
         if height is None or width is None:
-            if init is not None:
+            sized = init if init is not None else (control[0][0] if control else None)
+            if sized is not None:
                 f = self.base.vae_scale_factor
-                width, height = width or init.width - init.width % f, height or init.height - init.height % f
+                width, height = width or sized.width - sized.width % f, height or sized.height - sized.height % f
             else:
                 height, width = height or self.base.default_size, width or self.base.default_size
         imaging.check_size(height, width, self.base.vae_scale_factor)
@@ -282,7 +291,8 @@ class IPAdapterPipeline:
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width,
             init=init, mask=mask_image, strength=strength, ip_window=ip_window, eta=eta, scheduler=scheduler,
             original_size=original_size, crops_coords_top_left=crops_coords_top_left, embeds=embeds,
-            decode=output_type != "latent", timings=timings)
+            decode=output_type != "latent", timings=timings, control=control, control_scale=control_scale,
+            control_start=control_start, control_end=control_end, guess_mode=guess_mode)
         pixels, final = out
         result_latents = np.asarray(final).transpose(0, 3, 1, 2)
         if output_type == "latent":
@@ -317,9 +327,13 @@ class IPAdapterPipeline:
                        height: int, width: int, init=None, mask=None, strength: float = 1.0,
                        ip_window=(0.0, 1.0), eta: float = 0.0, scheduler: str | None = None,
                        original_size=None, crops_coords_top_left=(0, 0), embeds=None, decode: bool = True,
-                       timings: dict | None = None, per_item: list[list[ImagePrompt]] | None = None):
+                       timings: dict | None = None, per_item: list[list[ImagePrompt]] | None = None,
+                       control: list | None = None, control_scale=1.0, control_start=0.0, control_end=1.0,
+                       guess_mode: bool = False):
         """One compiled batch of B prompts: the image prompts are shared, or given `per_item`; guidance may be
-        one value per item. Returns (pixels or None, final latents)."""
+        one value per item. `control`: per ControlNet one image for all items or one per item; `control_scale`
+        per ControlNet (or once) a value or one per item; start/end per ControlNet or once. Returns (pixels or
+        None, final latents)."""
         with jax.set_mesh(self.mesh):  # the mesh that kernels deep in the models are split over
             return self._generate_batch(positive, negative, image_prompts, noise=noise,
                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -327,11 +341,14 @@ class IPAdapterPipeline:
                                         mask=mask, strength=strength, ip_window=ip_window, eta=eta,
                                         scheduler=scheduler, original_size=original_size,
                                         crops_coords_top_left=crops_coords_top_left, embeds=embeds, decode=decode,
-                                        timings=timings, per_item=per_item)
+                                        timings=timings, per_item=per_item, control=control,
+                                        control_scale=control_scale, control_start=control_start,
+                                        control_end=control_end, guess_mode=guess_mode)
 
     def _generate_batch(self, positive, negative, image_prompts, *, noise, num_inference_steps, guidance_scale,
                         guidance_rescale, height, width, init, mask, strength, ip_window, eta, scheduler,
-                        original_size, crops_coords_top_left, embeds, decode, timings, per_item):
+                        original_size, crops_coords_top_left, embeds, decode, timings, per_item, control,
+                        control_scale, control_start, control_end, guess_mode):
         timings = {} if timings is None else timings
         base = self.base
         batch = len(positive)
@@ -340,6 +357,8 @@ class IPAdapterPipeline:
         cfg = bool(np.any(guidance > 1.0))
         sched = base.scheduler if scheduler is None else make_scheduler(scheduler, base.scheduler_config)
         plan = sched.plan(num_inference_steps, strength=strength, eta=eta)
+        controls = self._control_guidance(control, control_scale, control_start, control_end, guess_mode, batch,
+                                          height, width, plan.num_steps)
 
         t0 = time.perf_counter()
         context, pooled = self._encode_text(positive)
@@ -359,12 +378,13 @@ class IPAdapterPipeline:
         timings["image_prompt_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latents, inpaint = self._initial_latents(sched, plan, noise, batch, height, width, init, mask, strength)
+        latents, inpaint = initial_latents(self._vae, self._place, base.unet.config.in_channels, sched, plan, noise,
+                                           batch, height, width, init, mask, strength)
         cond = self._place_conditioning(cond)
         final = stages.run_denoise(self._unet.graphdef, self._unet.state, sched, plan,
                                    self._place(latents, batch), cond, self._place(guidance, batch),
                                    self._place(rescale, batch), jnp.asarray(ip_window, jnp.float32),
-                                   self._place(noise.keys, batch), cfg, inpaint)
+                                   self._place(noise.keys, batch), cfg, inpaint, **controls)
         final = jax.block_until_ready(final)
         timings["denoise_s"] = time.perf_counter() - t0
         if not decode:
@@ -373,6 +393,26 @@ class IPAdapterPipeline:
         pixels = jax.block_until_ready(stages.vae_decode(self._vae.graphdef, self._vae.state, final))
         timings["decode_s"] = time.perf_counter() - t0
         return pixels, final
+
+    def _control_guidance(self, control, scale, start, end, guess_mode: bool, batch: int, height: int, width: int,
+                          num_steps: int) -> dict:
+        """run_denoise's ControlNet arguments: the ControlNets' halves and their traced images, per-item scales
+        and keep-table (diffusers' guess mode also follows the first ControlNet's `global_pool_conditions`)."""
+        n = len(self.controlnets)
+        if (control is None) != (n == 0):
+            raise UserError(f"{n} ControlNet(s) are loaded; pass a control image per ControlNet." if n else
+                            "control images were given but no ControlNet is loaded; pass controlnets.")
+        if not n:
+            return {}
+        pixels, scales, keep = control_rows(
+            per_controlnet(control, n, "control images", once=False), per_controlnet(scale, n, "control_scale"),
+            per_controlnet(start, n, "control_start"), per_controlnet(end, n, "control_end"), batch=batch,
+            height=height, width=width, num_steps=num_steps)
+        guess = bool(guess_mode) or self.controlnets[0].config.global_pool_conditions
+        guidance = ControlGuidance(images=tuple(self._place(p, batch) for p in pixels),
+                                   scales=tuple(self._place(s, batch) for s in scales), keep=jnp.asarray(keep),
+                                   guess_mode=guess)
+        return dict(control_graphs=self._control_graphs, control_states=self._control_states, control=guidance)
 
     def _encode_text(self, texts: list[str]) -> tuple[jax.Array, jax.Array | None]:
         ids = prompts.tokenize_all(self.base.tokenizers, texts)
@@ -434,37 +474,6 @@ class IPAdapterPipeline:
         return (IPConditioning(tokens=tuple(negatives), scales=scales, masks=masks, controls=tuple(neg_controls)),
                 IPConditioning(tokens=tuple(positives), scales=scales, masks=masks, controls=tuple(pos_controls)))
 
-    def _initial_latents(self, sched, plan, noise: Noise, batch, height, width, init, mask, strength: float):
-        """Pure noise (text-to-image), the noised init image (image-to-image), plus mask inputs (inpainting)."""
-        vae = self._vae
-        unet_channels = self.base.unet.config.in_channels
-        if init is None:
-            if unet_channels != noise.latents.shape[-1]:
-                raise UserError(f"this UNet takes {unet_channels} input channels (an inpainting model): pass "
-                                "init_image and mask_image.")
-            return jnp.asarray(noise.latents) * plan.init_noise_sigma, None
-        inits = init if isinstance(init, (list, tuple)) else [init] * batch
-        pixels = np.stack([imaging.vae_input(i, height, width) for i in inits])
-        nine = unet_channels == 9
-        need_image_latents = mask is None or not nine or strength < 1.0
-        image_latents = (stages.vae_encode(vae.graphdef, vae.state, self._place(pixels, batch),
-                                           self._place(noise.image, batch)) if need_image_latents else None)
-        if mask is None:
-            return sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0), None
-        if unet_channels not in (4, 9):
-            raise UserError(f"inpainting supports 4- and 9-channel UNets, not {unet_channels}.")
-        masks = mask if isinstance(mask, (list, tuple)) else [mask] * batch
-        binary = np.stack([imaging.binary_mask(m, height, width) for m in masks])[..., None]
-        masked_pixels = np.ascontiguousarray(pixels * (binary < 0.5))
-        masked = stages.vae_encode(vae.graphdef, vae.state, self._place(masked_pixels, batch),
-                                   self._place(noise.masked, batch))
-        small = nearest_resize(jnp.asarray(binary), noise.latents.shape[1:3])
-        if strength == 1.0:
-            latents = jnp.asarray(noise.latents) * plan.init_noise_sigma
-        else:
-            latents = sched.add_noise(plan, image_latents, jnp.asarray(noise.latents), 0)
-        inpaint = Inpainting(mask=self._place(small, batch), masked_latents=masked if nine else None,
-                             image_latents=None if nine else image_latents,
-                             noise=None if nine else self._place(jnp.asarray(noise.latents), batch))
-        return latents, inpaint
 
+def _controlnet_name(k: int, n: int) -> str:
+    return "the ControlNet" if n == 1 else f"ControlNet {k + 1} of {n}"

@@ -8,8 +8,10 @@ plain path), negative_images, masks, face_embeds (per adapter: a .npy path), com
 with one entry per adapter), seed, steps, guidance, guidance_rescale, height, width, scheduler, eta, init_image,
 strength, mask_image, ip_window ([start, end]); and the image-prompt controls, for every adapter of the item:
 weight_type, composition_weight, layer_weights, embeds_scaling, negative_noise, tiles, plus composition_images
-(per adapter, like images). Any key left out takes the run's default; relative paths are relative to the
-manifest's folder.
+(per adapter, like images). With ControlNets loaded: control_images (one path per ControlNet, in their order; a
+single ControlNet may take a plain path), control_scale (a float, or one per ControlNet), control_start and
+control_end (fractions of the steps, once or per ControlNet) and guess_mode. Any key left out takes the run's
+default; relative paths are relative to the manifest's folder.
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter_jax.errors import UserError
+from ipadapter_jax.pipelines.control_inputs import check_control_settings, per_controlnet
 from ipadapter_jax.pipelines.image_prompt import COMBINE_MODES, CONTROL_DEFAULTS, per_adapter
 from ipadapter_jax.pipelines.settings import check_generation, number
 from ipadapter_jax.schedulers import SCHEDULERS
 
 ITEM_KEYS = ("id", "prompt", "negative_prompt", "images", "negative_images", "masks", "face_embeds", "combine",
              "scale", "seed", "steps", "guidance", "guidance_rescale", "height", "width", "scheduler", "eta",
-             "init_image", "strength", "mask_image", "ip_window", *CONTROL_DEFAULTS, "composition_images")
+             "init_image", "strength", "mask_image", "ip_window", *CONTROL_DEFAULTS, "composition_images",
+             "control_images", "control_scale", "control_start", "control_end", "guess_mode")
 DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": None, "scale": 1.0, "seed": 0, "steps": 30,
                             "guidance": 7.5, "guidance_rescale": 0.0, "height": None, "width": None,
                             "scheduler": None, "eta": 0.0, "init_image": None, "strength": None,
                             "mask_image": None, "ip_window": [0.0, 1.0], "combine": "concat", **CONTROL_DEFAULTS}
+# Only items of runs with ControlNets carry these, so other runs' settings hashes stay as they were.
+CONTROLNET_DEFAULTS: dict[str, Any] = {"control_images": None, "control_scale": 1.0, "control_start": 0.0,
+                                       "control_end": 1.0, "guess_mode": False}
 PER_ADAPTER_PATHS = ("images", "negative_images", "masks", "face_embeds", "composition_images")
 PATHS = ("init_image", "mask_image")
 
@@ -44,7 +51,7 @@ def check_manifest_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | None = None
+def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | None = None, num_controlnets: int = 0
                   ) -> tuple[list[dict], dict[str, str]]:
     """(valid items with defaults applied, {id or "line N": reason} for the lines that are not)."""
     path = check_manifest_path(path)
@@ -52,7 +59,7 @@ def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | N
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"manifest {path} is not UTF-8 text; write it as JSONL (one JSON object per line).") from None
-    settings = {**DEFAULTS, **(defaults or {})}
+    settings = {**DEFAULTS, **(CONTROLNET_DEFAULTS if num_controlnets else {}), **(defaults or {})}
     items: list[dict] = []
     failed: dict[str, str] = {}
     seen: dict[str, int] = {}
@@ -72,7 +79,7 @@ def read_manifest(path: str | os.PathLike, num_adapters: int, defaults: dict | N
                 repeated, name = name, f"line {line_no}"
                 raise UserError(f"its id {repeated!r} repeats line {seen[repeated]}")
             seen[name] = line_no
-            items.append(_item(raw, settings, path.parent, num_adapters, name, line_no))
+            items.append(_item(raw, settings, path.parent, num_adapters, name, line_no, num_controlnets))
         except UserError as e:
             failed[name] = f"manifest {path.name} line {line_no}: {str(e).rstrip('.')}."
     if not items and not failed:
@@ -124,7 +131,8 @@ def _per_adapter(value, n: int, key: str):
     return per_adapter(value if isinstance(value, list) else [value], n, f"'{key}'", once=False)
 
 
-def _item(raw: dict, settings: dict, root: Path, num_adapters: int, name: str, line_no: int) -> dict:
+def _item(raw: dict, settings: dict, root: Path, num_adapters: int, name: str, line_no: int,
+          num_controlnets: int = 0) -> dict:
     unknown = sorted(set(raw) - set(ITEM_KEYS))
     if unknown:
         raise UserError(f"unknown keys {unknown}; known: {', '.join(ITEM_KEYS)}")
@@ -152,7 +160,29 @@ def _item(raw: dict, settings: dict, root: Path, num_adapters: int, name: str, l
     scale = item["scale"]
     item["scale"] = per_adapter(scale if isinstance(scale, list) and num_adapters > 1 else [scale], num_adapters,
                                 "'scale'")
+    if num_controlnets:
+        _controlnet_keys(item, raw, root, num_controlnets)
+    elif given := sorted(set(raw) & set(CONTROLNET_DEFAULTS)):
+        raise UserError(f"{given[0]!r} needs a ControlNet, and this run has none; pass --controlnet")
     return item
+
+
+def _controlnet_keys(item: dict, raw: dict, root: Path, n: int) -> None:
+    """The item's control images, scales, windows and guess mode, one per ControlNet, checked."""
+    images = item["control_images"]
+    if images is None:
+        raise UserError(f"'control_images' is missing; give one control image per ControlNet ({n})")
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise UserError(f"'control_images' must be a path or a list of paths (one per ControlNet), not {images!r}")
+    item["control_images"] = [_resolve(root, p) for p in per_controlnet(images, n, "'control_images'", once=False)]
+    for key in ("control_scale", "control_start", "control_end"):
+        item[key] = per_controlnet(item[key], n, f"'{key}'")
+    check_control_settings(item["control_scale"], item["control_start"], item["control_end"])
+    for key in ("control_scale", "control_start", "control_end"):
+        item[key] = [float(v) for v in item[key]]
+    if not isinstance(item["guess_mode"], bool):
+        raise UserError(f"'guess_mode' must be true or false, not {item['guess_mode']!r}")
 
 
 def input_files(item: dict) -> list[Path]:
@@ -162,4 +192,5 @@ def input_files(item: dict) -> list[Path]:
         for value in item[key]:
             out += [Path(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
     out += [Path(item[key]) for key in PATHS if item[key] is not None]
+    out += [Path(p) for p in item.get("control_images") or ()]
     return out

@@ -8,6 +8,7 @@ gathers them with the traced step index.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -306,6 +307,14 @@ class Scheduler:
             raise ValueError(
                 f"{self.class_name}.step needs `noise` (a fresh standard normal like the sample)."
             )
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.fields == self.fields
+
+    def __hash__(self) -> int:
+        # By value: the config fixes every number a sampler computes, so equal samplers share compiled loops
+        # (jit takes the sampler as a static argument) across pipelines and calls.
+        return hash((type(self), json.dumps(self.fields, sort_keys=True, default=str)))
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.fields.items() if v != {**NOISE_DEFAULTS, **self.defaults}[k]}

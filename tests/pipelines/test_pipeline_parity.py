@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
-from reference_models import rel_err
+from reference_models import NoiseQueue, rel_err
 
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline, Noise
 from ipadapter_jax.tiny_models import (
@@ -65,19 +65,6 @@ def _torch_pipeline(torch, kind, mode, base, adapters, scheduler):
     return pipe
 
 
-class _NoiseQueue:
-    """Stands in for diffusers' randn_tensor: hands out our noise arrays (NHWC -> NCHW) in call order."""
-
-    def __init__(self, torch, arrays):
-        self.torch, self.arrays = torch, list(arrays)
-
-    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
-        array = self.arrays.pop(0)
-        t = self.torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
-        assert tuple(t.shape) == tuple(shape), (t.shape, shape)
-        return t.to(dtype or self.torch.float32)
-
-
 CASES = [
     # kind, folder, mode, scheduler, strength
     ("sd15", "sd15", "t2i", "ddim", None),
@@ -123,7 +110,7 @@ def test_final_latents_match_diffusers(torch, monkeypatch, folders, kind, folder
         order = {"i2i": [noise.image[:1], noise.latents],
                  "inpaint": ([noise.latents, noise.masked[:1]] if nine and strength == 1.0
                              else [noise.image[:1], noise.latents, noise.masked[:1]])}[mode]
-        queue = _NoiseQueue(torch, order)
+        queue = NoiseQueue(torch, order)
         monkeypatch.setattr(vae_module, "randn_tensor", queue)
         monkeypatch.setattr(type(pipe).__module__ and __import__(type(pipe).__module__, fromlist=["x"]),
                             "randn_tensor", queue)
