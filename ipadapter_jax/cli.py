@@ -83,6 +83,15 @@ def _controlnet_settings(args) -> dict:
                 guess_mode=args.guess_mode)
 
 
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("caches (under $IPADAPTER_JAX_CACHE, else ~/.cache/ipadapter-jax)")
+    g.add_argument("--no-compile-cache", action="store_true",
+                   help="compile every program afresh, keeping nothing (also IPADAPTER_JAX_COMPILE_CACHE=0)")
+    g.add_argument("--no-weights-cache", action="store_true",
+                   help="convert weights to the Flax layout at every load instead of keeping a converted copy "
+                        "(also IPADAPTER_JAX_WEIGHTS_CACHE=0)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, *, defaults_only: bool = False) -> None:
     g = p.add_argument_group("sampling" + (" (defaults for items that do not set them)" if defaults_only else ""))
     g.add_argument("--steps", type=int, default=30)
@@ -258,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_arguments(sub.add_parser("evaluate", help="CLIP-I / CLIP-T of generated images; `evaluate coco` "
                                                            "runs the paper's COCO2017 protocol"))
+    for name in ("demo", "generate", "batch", "train", "cache-encoders", "evaluate"):  # what compiles on this host
+        _add_cache_args(sub.choices[name])
     return parser
 
 
@@ -304,7 +315,8 @@ def _generate(args) -> None:
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, scheduler=args.scheduler, variant=args.variant,
                                              attention_impl=args.attention, fsdp=args.fsdp,
-                                             controlnets=args.controlnet, loras=args.lora)
+                                             controlnets=args.controlnet, loras=args.lora,
+                                             weights_cache=_weights_cache(args))
     n = len(pipe.adapters)
     if n == 1:
         images = [references]
@@ -339,6 +351,13 @@ def _generate(args) -> None:
             imaging.save_image(image, path)
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
     print(f"wrote {', '.join(map(str, paths))} (load {pipe.load_seconds:.1f}s; {timing})")
+
+
+def _weights_cache(args):
+    """The converted-weights folder for this command (None: off)."""
+    from ipadapter_jax.caches import weights_cache_folder
+
+    return None if getattr(args, "no_weights_cache", True) else weights_cache_folder()
 
 
 def _numbered(out: Path, count: int, latent: bool) -> list[Path]:
@@ -385,7 +404,8 @@ def _batch(args) -> int:
 
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=args.adapter,
                                              dtype=args.dtype, variant=args.variant, attention_impl=args.attention,
-                                             fsdp=args.fsdp, controlnets=args.controlnet, loras=args.lora)
+                                             fsdp=args.fsdp, controlnets=args.controlnet, loras=args.lora,
+                                             weights_cache=_weights_cache(args))
     defaults = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
                 "height": args.height, "width": args.width, "seed": args.seed, "scheduler": args.scheduler,
                 "eta": args.eta, **control}
@@ -465,10 +485,13 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_xla_for_cpu()
     args = build_parser().parse_args(argv)
+    from ipadapter_jax.caches import compile_cache, compile_cache_folder
     from ipadapter_jax.errors import UserError
 
+    folder = None if getattr(args, "no_compile_cache", True) else compile_cache_folder()
     try:
-        return COMMANDS[args.command](args) or 0
+        with compile_cache(folder):  # the process owner turns JAX's persistent cache on, never the library
+            return COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"ipadapter-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI keeps compiled programs and converted weights in the user's cache folder; tests that want them turn
+# them on in a temporary one.
+os.environ["IPADAPTER_JAX_COMPILE_CACHE"] = "0"
+os.environ["IPADAPTER_JAX_WEIGHTS_CACHE"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -62,8 +62,11 @@ def run(args: argparse.Namespace) -> None:
                            limit=args.limit, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                            scale=args.scale, seed=args.seed, height=args.height, width=args.width)
     prompts = lib.read_prompts(coco_run, args.out)
+    from ipadapter_jax.caches import weights_cache_folder
+
+    weights_cache = None if getattr(args, "no_weights_cache", True) else weights_cache_folder()
     pipe = IPAdapterPipeline.from_pretrained(args.base, image_encoder=args.image_encoder, adapters=[args.adapter],
-                                             dtype=args.dtype, scheduler="ddim")
+                                             dtype=args.dtype, scheduler="ddim", weights_cache=weights_cache)
     summary = lib.evaluate_coco(pipe, coco_run, args.out, clip=args.clip, clip_batch_size=args.clip_batch_size,
                                 gen_batch_size=args.batch_size, prompts=prompts)
     print(summary["scores"].table(f"COCO2017 val: {summary['prompts']} prompts x {args.per_prompt} images"))

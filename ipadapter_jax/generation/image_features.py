@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.data.transforms import clip_image_processor
+from ipadapter_jax.data.clip_pixels import clip_pixels
 from ipadapter_jax.ip_adapter import check_image_encoder
 from ipadapter_jax.models.adapter_spec import IMAGE_EMBEDS, AdapterSpec
 
@@ -28,8 +28,9 @@ def image_features(encoder, pixel_values_NCHW: jax.Array, spec: AdapterSpec, *, 
 
 def image_processor_for(encoder_folder: str | os.PathLike | None, image_size: int = 224):
     """CLIP preprocessing as the official code does it: the encoder folder's `preprocessor_config.json` if
-    present, else transformers' CLIP defaults at `image_size` (shortest side, bicubic, centre crop, CLIP mean/std)."""
-    return clip_image_processor(None if encoder_folder is None else str(encoder_folder), image_size)
+    present, else transformers' CLIP defaults at `image_size` (shortest side, bicubic, centre crop, CLIP mean/std);
+    transformers' numbers without importing its image processors (data/clip_pixels.py)."""
+    return clip_pixels(encoder_folder, image_size)
 
 
 def pixel_values(processor, images) -> np.ndarray:

@@ -17,6 +17,7 @@ from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.vae import AutoencoderKL
 from ipadapter_jax.schedulers import Scheduler, load_scheduler
 from ipadapter_jax.weights.controlnet import check_controlnet, load_controlnet
+from ipadapter_jax.weights.converted import ConvertedWeights
 from ipadapter_jax.weights.diffusers_models import load_text_encoder, load_unet, load_vae
 from ipadapter_jax.weights.hub import resolve, resolve_path
 from ipadapter_jax.weights.pretrained import read_config
@@ -50,7 +51,7 @@ class BaseModels:
 
 def load_base(base: str | Path, *, dtype="float32", variant: str | None = None, num_ip_adapters: int = 0,
               attention_impl: Implementation = "auto", scheduler: str | None = None,
-              revision: str | None = None, sharding=None) -> BaseModels:
+              revision: str | None = None, sharding=None, cache: ConvertedWeights | None = None) -> BaseModels:
     """Every component of a diffusers pipeline folder (or hub id) that image-prompted generation needs.
 
     `scheduler` overrides the folder's scheduler class by name (ddim, pndm, euler, euler_ancestral,
@@ -63,11 +64,12 @@ def load_base(base: str | Path, *, dtype="float32", variant: str | None = None, 
         raise UserError(f"{folder} is not a diffusers pipeline folder (no unet/ subfolder); pass the folder that "
                         "holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
     unet = load_unet(folder / "unet", dtype=dtype, variant=variant, num_ip_adapters=num_ip_adapters,
-                     attention_impl=attention_impl, sharding=sharding)
-    vae = load_vae(folder / "vae", dtype=dtype, variant=variant, attention_impl=attention_impl, sharding=sharding)
+                     attention_impl=attention_impl, sharding=sharding, cache=cache)
+    vae = load_vae(folder / "vae", dtype=dtype, variant=variant, attention_impl=attention_impl, sharding=sharding,
+                   cache=cache)
     names = ["text_encoder", "text_encoder_2"] if (folder / "text_encoder_2").is_dir() else ["text_encoder"]
     encoders = tuple(load_text_encoder(folder / n, dtype=dtype, variant=variant, attention_impl=attention_impl,
-                                       sharding=sharding) for n in names)
+                                       sharding=sharding, cache=cache) for n in names)
     tokenizers = tuple(load_tokenizer(str(folder / n.replace("text_encoder", "tokenizer"))) for n in names)
     xl = unet.config.addition_embed_type == "text_time"
     if xl and len(encoders) != 2:

@@ -46,6 +46,7 @@ from ipadapter_jax.pipelines.settings import check_fits, check_generation
 from ipadapter_jax.schedulers import make_scheduler
 from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
 from ipadapter_jax.weights.controlnet import check_controlnet
+from ipadapter_jax.weights.converted import ConvertedWeights
 from ipadapter_jax.weights.diffusers_models import load_image_encoder
 from ipadapter_jax.weights.hub import resolve_path
 from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
@@ -98,6 +99,7 @@ class IPAdapterPipeline:
         self._control_graphs = tuple(b.graphdef for b in bound)
         self._control_states = tuple(b.state for b in bound)
         self.load_seconds = 0.0
+        self.weights_cache: ConvertedWeights | None = None  # from_pretrained's, while it writes in the background
         self.sources: dict = {}  # what was loaded (from_pretrained): batch resume compares it
 
     @classmethod
@@ -106,7 +108,8 @@ class IPAdapterPipeline:
                         variant: str | None = None, attention_impl: Implementation = "auto",
                         revision: str | None = None, faceid_lora_scale: float = 1.0,
                         mesh: Mesh | None = None, fsdp: int = 1, controlnets: Sequence[str | Path] = (),
-                        loras: Sequence[tuple[str | Path, float]] = ()) -> IPAdapterPipeline:
+                        loras: Sequence[tuple[str | Path, float]] = (),
+                        weights_cache: str | Path | None = None) -> IPAdapterPipeline:
         """Load a diffusers base (folder or hub id), an image encoder and IP-Adapters (official files or our
         Flax folders, local or `owner/repo/path`), computing in `dtype`.
 
@@ -115,8 +118,11 @@ class IPAdapterPipeline:
         `.safetensors`, local or `owner/repo/file`) fused into the UNet and text encoders.
 
         `fsdp > 1` splits every weight over groups of that many devices (for models that do not fit one chip):
-        the mesh becomes (data, fsdp), weights are placed split as they load, and batches use all devices."""
+        the mesh becomes (data, fsdp), weights are placed split as they load, and batches use all devices.
+        `weights_cache`: a folder where the base and image encoder weights are kept converted to the Flax layout,
+        so that later loads map them instead of converting (`weights/converted.py`)."""
         start = time.perf_counter()
+        cache = ConvertedWeights(weights_cache) if weights_cache is not None else None
         placement = None
         if fsdp > 1:
             from ipadapter_jax.sharding import MeshConfig, make_mesh, placer
@@ -125,7 +131,7 @@ class IPAdapterPipeline:
             placement = placer(mesh)
         models = load_base(base, dtype=dtype, variant=variant, num_ip_adapters=len(adapters),
                            attention_impl=attention_impl, scheduler=scheduler, revision=revision,
-                           sharding=placement)
+                           sharding=placement, cache=cache)
         lora_files = [(resolve_path(path, what="LoRA"), float(weight)) for path, weight in loras]
         fuse_loras(models.unet, models.text_encoders, lora_files)  # checks every file before changing anything
         control_folders, control_models = load_controlnets(controlnets, models.unet, dtype=dtype,
@@ -140,11 +146,13 @@ class IPAdapterPipeline:
         if image_encoder is not None and any(a.spec.needs_image_encoder for a in loaded):
             folder = resolve_path(image_encoder, what="image encoder")
             files.append(folder)
-            encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl, sharding=placement)
+            encoder = load_image_encoder(folder, dtype=dtype, attention_impl=attention_impl, sharding=placement,
+                                         cache=cache)
             processor = image_processor_for(folder, encoder.image_size)
         pipe = cls(models, loaded, image_encoder=encoder, image_processor=processor, mesh=mesh,
                    sharded_params=placement is not None, controlnets=control_models)
         pipe.load_seconds = time.perf_counter() - start
+        pipe.weights_cache = cache
         pipe.sources = {"base": str(base), "image_encoder": None if image_encoder is None else str(image_encoder),
                         "adapters": [str(a) for a in adapters], "dtype": str(dtype), "variant": variant,
                         "scheduler": scheduler, "faceid_lora_scale": faceid_lora_scale,

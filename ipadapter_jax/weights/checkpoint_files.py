@@ -18,9 +18,10 @@ from ipadapter_jax.weights.safetensors_io import SafetensorsFile
 class StateDict(Mapping[str, np.ndarray]):
     """A flat, lazily read name -> array mapping over one or more files."""
 
-    def __init__(self, sources: dict[str, Mapping[str, np.ndarray]], description: str):
+    def __init__(self, sources: dict[str, Mapping[str, np.ndarray]], description: str, files: tuple[Path, ...] = ()):
         self._sources = sources  # key -> the mapping that holds it
         self.description = description
+        self.files = files  # what the arrays are read from (the converted-weights cache checks their identity)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._sources[key][key]
@@ -93,9 +94,9 @@ def open_file(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path} does not exist.")
     if path.suffix == ".safetensors":
         f = SafetensorsFile(path)
-        return StateDict(dict.fromkeys(f, f), str(path))
+        return StateDict(dict.fromkeys(f, f), str(path), (path,))
     flat = flatten(load_torch_file(path))
-    return StateDict(dict.fromkeys(flat, flat), str(path))
+    return StateDict(dict.fromkeys(flat, flat), str(path), (path,))
 
 
 def _open_index(index: Path) -> StateDict:
@@ -111,7 +112,7 @@ def _open_index(index: Path) -> StateDict:
         if key not in opened[shard]:
             raise CheckpointError(f"{index} lists {key!r} in {shard}, but that file does not hold it.")
         sources[key] = opened[shard]
-    return StateDict(sources, str(index))
+    return StateDict(sources, str(index), (index, *(index.parent / shard for shard in sorted(opened))))
 
 
 def open_weights(folder: str | os.PathLike, basename: str, variant: str | None = None) -> StateDict:

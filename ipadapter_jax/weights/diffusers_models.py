@@ -25,6 +25,7 @@ from ipadapter_jax.models.unet import UNet2DConditionModel, init_ip_from_text
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from ipadapter_jax.weights.checkpoint_files import open_weights
+from ipadapter_jax.weights.converted import ConvertedWeights
 from ipadapter_jax.weights.pretrained import as_dtype, load_component, read_config
 from ipadapter_jax.weights.torch_layout import KeyPolicy, load_state
 
@@ -32,7 +33,8 @@ from ipadapter_jax.weights.torch_layout import KeyPolicy, load_state
 
 
 def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_impl: Implementation = "auto",
-              platform: str | None = None, variant: str | None = None, sharding=None) -> UNet2DConditionModel:
+              platform: str | None = None, variant: str | None = None, sharding=None,
+              cache: ConvertedWeights | None = None) -> UNet2DConditionModel:
     """A diffusers `unet/` folder as a Flax UNet; IP-Adapter slots start as copies of `to_k`/`to_v`."""
 
     config = UNetConfig.from_dict(read_config(folder))
@@ -42,7 +44,7 @@ def load_unet(folder, *, dtype="float32", num_ip_adapters: int = 0, attention_im
         lambda: UNet2DConditionModel(config, num_ip_adapters=num_ip_adapters, attention_impl=attention_impl,
                                      platform=platform, dtype=dt, rngs=nnx.Rngs(0)),
         basename="diffusion_pytorch_model", dtype=dt, variant=variant, what="UNet", sharding=sharding,
-        exclude=IPAdapterParam)
+        exclude=IPAdapterParam, cache=cache)
     init_ip_from_text(unet)
     return unet
 
@@ -69,6 +71,7 @@ class _LinearAttentionWeights(Mapping[str, np.ndarray]):
 
     def __init__(self, state_dict: Mapping[str, np.ndarray]):
         self._base = state_dict
+        self.files = getattr(state_dict, "files", ())
 
     def __getitem__(self, key: str) -> np.ndarray:
         array = self._base[key]
@@ -84,7 +87,7 @@ class _LinearAttentionWeights(Mapping[str, np.ndarray]):
 
 
 def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_impl: Implementation = "auto",
-             platform: str | None = None, sharding=None) -> AutoencoderKL:
+             platform: str | None = None, sharding=None, cache: ConvertedWeights | None = None) -> AutoencoderKL:
     """A diffusers `vae/` folder as a Flax `AutoencoderKL`, computing in `dtype`."""
 
     config = AutoencoderKLConfig.from_dict(read_config(folder))
@@ -93,7 +96,7 @@ def load_vae(folder, *, dtype="float32", variant: str | None = None, attention_i
                                                     dtype=dt, rngs=nnx.Rngs(0)))
     weights = open_weights(folder, "diffusion_pytorch_model", variant)
     return load_state(abstract, _LinearAttentionWeights(weights), dtype=dt, policy=VAE_KEY_POLICY, what="VAE",
-                      source=weights.description, sharding=sharding)
+                      source=weights.description, sharding=sharding, cache=cache)
 
 
 # ------------------------------------------------------------------------------------------------------ CLIP
@@ -111,7 +114,7 @@ def tower_policy(tower: str, projection: str, ignore: list[str]):
 
 def load_text_encoder(folder, *, dtype="float32", variant: str | None = None,
                       with_projection: bool | None = None, attention_impl: Implementation = "auto",
-                      sharding=None) -> CLIPTextModel:
+                      sharding=None, cache: ConvertedWeights | None = None) -> CLIPTextModel:
     """A transformers text encoder folder (`config.json` + `model.safetensors`/`.bin`) as a Flax model.
 
     `with_projection=None` builds `CLIPTextModelWithProjection` when the config's `architectures` names it or
@@ -133,12 +136,12 @@ def load_text_encoder(folder, *, dtype="float32", variant: str | None = None,
     abstract = abstract_model(lambda: cls(config, attention_impl=attention_impl, dtype=dt, rngs=nnx.Rngs(0)))
     policy = tower_policy("text_model", "text_projection", ignore)
     return load_state(abstract, weights, dtype=dt, policy=policy, what="CLIP text encoder",
-                      source=weights.description, sharding=sharding)
+                      source=weights.description, sharding=sharding, cache=cache)
 
 
 def load_image_encoder(folder, *, dtype="float32", variant: str | None = None,
-                       attention_impl: Implementation = "auto",
-                       sharding=None) -> CLIPVisionModelWithProjection:
+                       attention_impl: Implementation = "auto", sharding=None,
+                       cache: ConvertedWeights | None = None) -> CLIPVisionModelWithProjection:
     """An IP-Adapter `image_encoder` folder (transformers `CLIPVisionModelWithProjection`) as a Flax model.
 
     A full `CLIPModel` folder also works: its text tower and `logit_scale` are skipped.
@@ -153,4 +156,4 @@ def load_image_encoder(folder, *, dtype="float32", variant: str | None = None,
                                                   rngs=nnx.Rngs(0))
     return load_component(folder, build, basename="model", dtype=dt, variant=variant,
                           policy=tower_policy("vision_model", "visual_projection", ignore),
-                          what="CLIP image encoder", sharding=sharding)
+                          what="CLIP image encoder", sharding=sharding, cache=cache)

@@ -13,6 +13,7 @@ from flax import nnx
 from ipadapter_jax.errors import CheckpointError, ConfigError
 from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.weights.checkpoint_files import open_weights
+from ipadapter_jax.weights.converted import ConvertedWeights
 from ipadapter_jax.weights.torch_layout import KeyPolicy, load_state
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -41,9 +42,9 @@ def read_config(folder: str | Path, name: str = "config.json") -> dict:
 
 def load_component(folder: str | Path, build: Callable[[], nnx.Module], *, basename: str, dtype=jnp.float32,
                    variant: str | None = None, policy: KeyPolicy | None = None, what: str = "model",
-                   sharding=None, exclude: Any = nnx.Nothing) -> nnx.Module:
+                   sharding=None, exclude: Any = nnx.Nothing, cache: ConvertedWeights | None = None) -> nnx.Module:
     """`build()` constructs the model; it runs under `nnx.eval_shape`, so no random initialisation happens."""
     abstract = abstract_model(build)
     weights = open_weights(folder, basename, variant)
     return load_state(abstract, weights, dtype=as_dtype(dtype), policy=policy or KeyPolicy(), what=what,
-                      source=weights.description, sharding=sharding, exclude=exclude)
+                      source=weights.description, sharding=sharding, exclude=exclude, cache=cache)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax.errors import CheckpointError
+from ipadapter_jax.weights.converted import ConvertedWeights, Item
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -113,11 +114,13 @@ def load_state(
     source: str = "checkpoint",
     sharding: Callable[[tuple, tuple[int, ...]], jax.sharding.Sharding | None] | None = None,
     exclude: Any = nnx.Nothing,
+    cache: ConvertedWeights | None = None,
 ) -> nnx.Module:
     """Fill an abstract module (from `nnx.eval_shape`) with a checkpoint; every key consumed exactly once.
 
     Variables matching `exclude` are not in the checkpoint and start as zeros (e.g. IP-Adapter weights).
     `sharding(path, shape)` may place each parameter (for FSDP); by default arrays go to the default device.
+    `cache`: converted weights to map instead of converting, kept up to date (`weights/converted.py`).
     """
     graphdef, abstract, extra = nnx.split(abstract_module, nnx.Not(exclude), ...)
     flat = flat_variables(abstract)
@@ -157,25 +160,39 @@ def load_state(
             f"{source} has tensors whose shapes do not fit the {what} config (checkpoint vs model): "
             f"{_summarise(mismatched, 5)}; the weights belong to another model size."
         )
-    # Reading, transposing and converting release the GIL: a few threads load several times faster.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        values = dict(zip((j[0] for j in jobs), pool.map(lambda j: _place(*j[1:]), jobs), strict=True))
+    items = [Item("/".join(map(str, path)), present[torch_key(path)], axes, jnp.dtype(target).name,
+                  tuple(flat[path].shape)) for path, _, axes, target, _ in jobs]
+    files = getattr(state_dict, "files", ())
+    converted = cache.read(what, files, items) if cache is not None and files else None
+    if converted is not None:  # mapped, already in layout and dtype
+        values = {job[0]: _place(converted[item.name], job[4]) for job, item in zip(jobs, items, strict=True)}
+    else:
+        # Reading, transposing and converting release the GIL: a few threads load several times faster.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            hosts = dict(zip((j[0] for j in jobs), pool.map(lambda j: _host(*j[1:]), jobs), strict=True))
+        values = {job[0]: _place(hosts[job[0]], job[4]) for job in jobs}
+        if cache is not None and files:
+            named = {item.name: hosts[job[0]] for job, item in zip(jobs, items, strict=True)}
+            cache.write_later(what, files, items, named)
     for path, var in flat.items():
         var.set_value(values[path])
     return nnx.merge(graphdef, abstract, extra)
 
 
-def _place(array: np.ndarray, axes: tuple[int, ...] | None, dtype, sharding) -> jax.Array:
+def _host(array: np.ndarray, axes: tuple[int, ...] | None, dtype, sharding) -> np.ndarray:
+    """The parameter in the Flax layout and `dtype`, on the host."""
     on_cpu = jax.default_backend() == "cpu"
     if axes is None and array.dtype == np.dtype(dtype) and (sharding is not None or not on_cpu):
-        host = array  # already in layout and dtype: accelerators and shards copy from the memory map directly
-    else:
-        host = flax_layout_copy(array, axes, dtype)
+        return array  # already in layout and dtype: accelerators and shards copy from the memory map directly
+    return flax_layout_copy(array, axes, dtype)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """On CPU, XLA adopts 64-byte aligned host memory (a converted copy, or a mapped cache entry that is then read
+    only when used) instead of copying it."""
     if sharding is not None:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    if on_cpu and host.dtype in (np.float32, np.float16, np.int32):
-        return jnp.from_dlpack(host)  # adopts the aligned buffer: no second copy of every weight
-    return jnp.asarray(host)
+    return jax.device_put(host)
 
 
 def export_state(module_or_state, *, dtype=None, filter=nnx.Param) -> dict[str, np.ndarray]:
