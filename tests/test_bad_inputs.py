@@ -13,19 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_jobs import write_tiny_job
 
 from ipadapter_jax.cli import main
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    adapter = write_tiny_ip_adapter(root / "ip.safetensors", base, encoder)
-    return base, encoder, adapter
+    return write_tiny_job(root)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_jobs import write_tiny_job
 
 from ipadapter_jax.cli import main
 from ipadapter_jax.evaluation.clip_scores import CLIPScorer, clipscore, cosine
 from ipadapter_jax.evaluation.report import t_quantile_975
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
 
 
 def _write_images(folder, n, seed, size=(40, 48)):
@@ -91,9 +91,7 @@ def fake_coco(tmp_path_factory):
     annotations = [{"id": 10 * n + k, "image_id": i, "caption": f"caption {k} of image {i}"}
                    for n, i in enumerate(ids[:-1]) for k in range(2)]
     (root / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    adapter = write_tiny_ip_adapter(root / "ip.safetensors", base, encoder)
+    base, encoder, adapter = write_tiny_job(root)
     return root, ids, base, encoder, adapter
 
 

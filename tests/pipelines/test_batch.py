@@ -12,22 +12,18 @@ import pytest
 from jax.sharding import Mesh
 from PIL import Image
 from reference_models import rel_err
+from tiny_jobs import write_random_images, write_tiny_job
 
 from ipadapter_jax.pipelines.batch import read_manifest, run_batch
 from ipadapter_jax.pipelines.components import load_base
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    adapter = write_tiny_ip_adapter(root / "ip.safetensors", base, encoder)
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / f"ref{i}.png")
+    base, encoder, adapter = write_tiny_job(root)
+    write_random_images(root, {f"ref{i}": 40 for i in range(3)})
     items = [
         {"id": "a", "prompt": "a red square", "images": "ref0.png", "seed": 1, "scale": 0.5},
         {"id": "b", "prompt": "a blue circle", "images": "ref1.png", "seed": 2, "guidance": 3.0},

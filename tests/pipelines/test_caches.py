@@ -9,22 +9,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from tiny_jobs import write_random_images, write_tiny_job
 
 from ipadapter_jax.cli import main
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    adapter = write_tiny_ip_adapter(root / "ip.safetensors", base, encoder)
-    rng = np.random.default_rng(0)
-    for name in ("ref", "mask_a", "mask_b"):
-        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / f"{name}.png")
+    base, encoder, adapter = write_tiny_job(root)
+    write_random_images(root, {"ref": 40, "mask_a": 40, "mask_b": 40})
     return root, base, encoder, adapter
 
 

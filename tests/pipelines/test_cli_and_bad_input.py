@@ -7,21 +7,19 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_jobs import write_random_images, write_tiny_job
 
 from ipadapter_jax.cli import main
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
-from ipadapter_jax.tiny_models import write_tiny_image_encoder, write_tiny_ip_adapter, write_tiny_pipeline
+from ipadapter_jax.tiny_models import write_tiny_ip_adapter
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    adapter = write_tiny_ip_adapter(root / "ip.safetensors", base, encoder)
-    ref = root / "ref.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(ref)
+    base, encoder, adapter = write_tiny_job(root)
+    ref = write_random_images(root, {"ref": 40})["ref"]
     return root, base, encoder, adapter, ref
 
 

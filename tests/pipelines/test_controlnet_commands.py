@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from PIL import Image
+from tiny_jobs import write_random_images, write_tiny_job
 
 from ipadapter_jax.cli import main
 from ipadapter_jax.pipelines.batch import run_batch
@@ -20,8 +21,6 @@ from ipadapter_jax.pipelines.control_inputs import canny_edges
 from ipadapter_jax.pipelines.ip_adapter_pipeline import GenerationOutput, IPAdapterPipeline
 from ipadapter_jax.tiny_models import (
     write_tiny_controlnet,
-    write_tiny_image_encoder,
-    write_tiny_ip_adapter,
     write_tiny_lora,
     write_tiny_pipeline,
 )
@@ -31,17 +30,12 @@ from ipadapter_jax.weights.safetensors_io import save_safetensors
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cncli")
-    base = write_tiny_pipeline(root / "sd15")
-    encoder = write_tiny_image_encoder(root / "encoder")
-    files = dict(root=root, base=base, encoder=encoder,
-                 adapter=write_tiny_ip_adapter(root / "ip.safetensors", base, encoder),
+    base, encoder, adapter = write_tiny_job(root)
+    files = dict(root=root, base=base, encoder=encoder, adapter=adapter,
                  controlnet=write_tiny_controlnet(root / "cn", base),
                  lora=write_tiny_lora(root / "style.safetensors", base, style="kohya", alpha=2.0))
     files["controlnet_xl"] = write_tiny_controlnet(root / "cn_xl", write_tiny_pipeline(root / "sdxl", "sdxl"))
-    rng = np.random.default_rng(0)
-    for name, size in (("ref", 40), ("c0", 64), ("c1", 80)):
-        files[name] = root / f"{name}.png"
-        Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(files[name])
+    files.update(write_random_images(root, {"ref": 40, "c0": 64, "c1": 80}))
     files["broken"] = root / "broken.png"
     files["broken"].write_bytes(b"not an image")
     files["bad_lora"] = root / "other.safetensors"
