@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from clip_fixture import clip_folder  # noqa: E402, F401 (a fixture of the evaluation and training tests)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
