@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipadapter-jax", description="IP-Adapter for Stable Diffusion in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="offline end-to-end run on tiny random models (load, convert, generate, train)")
+    demo = sub.add_parser("demo", help="offline end-to-end run on the shapes world (convert, generate, measure, train)")
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--no-train", action="store_true", help="skip the short training run")
 

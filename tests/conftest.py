@@ -16,6 +16,7 @@ os.environ["IPADAPTER_JAX_WEIGHTS_CACHE"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from clip_fixture import clip_folder  # noqa: E402, F401 (a fixture of the evaluation and training tests)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -54,15 +54,16 @@ class CLIPScorer:
         self.batch_size = max(batch_size - batch_size % self.mesh.size, self.mesh.size)
         self.max_length = text_model.max_length
         replicated = NamedSharding(self.mesh, P())
-        self._batch = NamedSharding(self.mesh, P("data"))
+        self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))  # over every device of any mesh
         text_graph, text_state = nnx.split(text_model)
         vision_graph, vision_state = nnx.split(vision_model)
         self._text_state = jax.device_put(text_state, replicated)
         self._vision_state = jax.device_put(vision_state, replicated)
+        # Embeddings come back whole to every process (they are small): multi-host safe.
         self._text = jax.jit(lambda s, ids: _unit(nnx.merge(text_graph, s)(ids).text_embeds),
-                             out_shardings=self._batch)
+                             out_shardings=replicated)
         self._vision = jax.jit(lambda s, px: _unit(nnx.merge(vision_graph, s)(px).image_embeds),
-                               out_shardings=self._batch)
+                               out_shardings=replicated)
 
     @classmethod
     def from_pretrained(cls, clip: str | Path = DEFAULT_CLIP, *, dtype: str = "float32", mesh: Mesh | None = None,
@@ -85,7 +86,7 @@ class CLIPScorer:
             pad = -len(chunk) % self.mesh.size
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
             placed = jax.make_array_from_callback(padded.shape, self._batch, lambda index, rows=padded: rows[index])
-            out.append(np.asarray(fn(state, placed))[: len(chunk)])
+            out.append(np.asarray(fn(state, placed).addressable_data(0))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def pixel_values(self, images: Sequence) -> np.ndarray:

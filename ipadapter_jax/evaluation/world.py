@@ -16,7 +16,7 @@ import numpy as np
 from ipadapter_jax.images import to_pil
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt
 from ipadapter_jax.pipelines.ip_adapter_pipeline import Noise
-from ipadapter_jax.world.reader import IMAGE_ATTRIBUTES, read_attributes, toy_clip_i, toy_clip_t
+from ipadapter_jax.world.reader import IMAGE_ATTRIBUTES, read_attributes, toy_metrics
 from ipadapter_jax.world.scenes import SIZE, Scene, render
 
 STEPS, GUIDANCE = 20, 3.0
@@ -35,19 +35,18 @@ class ToyScores:
 
 
 def toy_scores(images: Sequence, scenes: Sequence[Scene]) -> ToyScores:
-    read = [read_attributes(im) for im in images]
-    attributes = {k: float(np.mean([r[k] == getattr(s, k) for r, s in zip(read, scenes, strict=True)]))
-                  for k in (*IMAGE_ATTRIBUTES, "shape")}
-    ref = [s.attributes() for s in scenes]
-    return ToyScores(clip_i=float(np.mean([toy_clip_i(r, a) for r, a in zip(read, ref, strict=True)])),
-                     clip_t=float(np.mean([toy_clip_t(r, s.caption) for r, s in zip(read, scenes, strict=True)])),
-                     attributes=attributes, n=len(scenes), images=list(images))
+    m = toy_metrics([read_attributes(im) for im in images], [s.attributes() for s in scenes],
+                    [s.caption for s in scenes])
+    return ToyScores(clip_i=m["clip_i"], clip_t=m["clip_t"], attributes={k: m[k] for k in (*IMAGE_ATTRIBUTES, "shape")},
+                     n=len(scenes), images=list(images))
 
 
 def generate(pipe, scenes: Sequence[Scene], *, scale: float | Sequence[float], steps: int = STEPS,
-             guidance: float = GUIDANCE, seed: int = 0, batch_size: int = 16) -> list:
-    """One image per scene from its caption, with its rendering as the image prompt at `scale` (one value, or
-    one per scene); scene i uses seed `seed + i`."""
+             guidance: float = GUIDANCE, seed: int = 0, batch_size: int = 16,
+             captions: Sequence[str] | None = None) -> list:
+    """One image per scene from its caption (or `captions[i]`), with its rendering as the image prompt at `scale`
+    (one value, or one per scene); scene i uses seed `seed + i`."""
+    captions = [s.caption for s in scenes] if captions is None else list(captions)
     scales = [float(scale)] * len(scenes) if np.ndim(scale) == 0 else [float(s) for s in scale]
 
     batch_size = max(batch_size - batch_size % pipe.mesh.size, pipe.mesh.size)
@@ -55,10 +54,11 @@ def generate(pipe, scenes: Sequence[Scene], *, scale: float | Sequence[float], s
     shape = (SIZE // f, SIZE // f, pipe.base.vae.config.latent_channels)
     out = []
     for i in range(0, len(scenes), batch_size):
-        chunk = list(zip(scenes[i : i + batch_size], scales[i : i + batch_size], strict=True))
+        chunk = list(zip(scenes[i : i + batch_size], scales[i : i + batch_size], captions[i : i + batch_size],
+                         strict=True))
         padded = chunk + [chunk[-1]] * (-len(chunk) % pipe.mesh.size)
-        per_item = [[ImagePrompt(images=[render(s)], scale=x)] for s, x in padded]
-        pixels, _ = pipe.generate_batch([s.caption for s, _ in padded], None, [], per_item=per_item,
+        per_item = [[ImagePrompt(images=[render(s)], scale=x)] for s, x, _ in padded]
+        pixels, _ = pipe.generate_batch([c for _, _, c in padded], None, [], per_item=per_item,
                                         noise=Noise.from_seeds([seed + i + k for k in range(len(padded))], shape),
                                         num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=0.0,
                                         height=SIZE, width=SIZE)

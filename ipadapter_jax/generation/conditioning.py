@@ -35,9 +35,11 @@ def sdxl_time_ids(rows: int, height: int, width: int, original_size: tuple[int, 
     return np.tile(row, (rows, 1))
 
 
-def unit_ip(tokens_BNTC: jax.Array, num_layers: int) -> IPConditioning:
-    """One adapter at scale 1 on every cross-attention layer, no masks (training and its sample grids)."""
-    return IPConditioning(tokens=(tokens_BNTC,), scales=(jnp.ones((num_layers,), jnp.float32),), masks=(None,))
+def unit_ip(tokens_BNTC: jax.Array, num_layers: int, scale: float | jax.Array = 1.0) -> IPConditioning:
+    """One adapter at one scale (default 1) on every cross-attention layer, no masks (training, its sample grids
+    and its evaluation)."""
+    scales = jnp.full((num_layers,), scale, jnp.float32)
+    return IPConditioning(tokens=(tokens_BNTC,), scales=(scales,), masks=(None,))
 
 
 def _guided_ip(negative: IPConditioning, positive: IPConditioning) -> IPConditioning:

@@ -125,6 +125,49 @@ class MonitorConfig:
     sample_seed: int = 0
 
 
+DEFAULT_EVAL_CLIP = "openai/clip-vit-large-patch14"  # evaluation.clip_scores.DEFAULT_CLIP, the paper's
+WORLD_METRICS = "world"  # eval.clip: the shapes world's exact reader (toy CLIP-I / CLIP-T) instead of a CLIP model
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """CLIP-I / CLIP-T during training: every ``every_steps`` the adapter being trained generates one image per
+    held-out image prompt (``images[i]`` with ``captions[i]``), scored against the image prompt (CLIP-I) and its
+    caption (CLIP-T)."""
+
+    every_steps: int = 0  # 0: never
+    images: tuple[str, ...] = ()  # image prompt files (or `world` / `world:<n>`: the shapes world's held-out scenes)
+    captions: tuple[str, ...] = ()  # one per image, or one for all; empty: the empty prompt, and no CLIP-T
+    num_steps: int = 30  # DDIM steps
+    guidance: float = 7.5
+    scale: float = 1.0  # IP scale
+    seed: int = 0  # image i's noise: fold_in(key(seed), i)
+    resolution: int | None = None  # None: data.resolution
+    batch_size: int = 32  # images per generation call (a multiple of the number of devices)
+    at_start: bool = True  # also evaluate before the first step of a fresh run (the curve's origin)
+    clip: str = DEFAULT_EVAL_CLIP  # a transformers CLIPModel folder or hub id, or `world` (the toy metrics)
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps must be >= 0 (0: never), got {self.every_steps}.")
+        if self.every_steps and not self.images:
+            raise ConfigError("eval.every_steps is set but eval.images is empty; list held-out image prompt files "
+                              "(or set eval.every_steps=0).")
+        if len(self.captions) not in (0, 1, len(self.images)):
+            raise ConfigError(f"eval.captions has {len(self.captions)} entries for {len(self.images)} eval.images; "
+                              "give one per image, one for all, or none.")
+        if self.num_steps < 1 or self.batch_size < 1 or self.guidance < 0 or self.scale < 0:
+            raise ConfigError("eval.num_steps and eval.batch_size must be >= 1, eval.guidance and eval.scale >= 0.")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"eval.resolution must be at least 8 pixels or null, got {self.resolution}.")
+
+    def caption_list(self) -> list[str]:
+        """One caption per image."""
+        if len(self.captions) == len(self.images):
+            return list(self.captions)
+        return [self.captions[0] if self.captions else ""] * len(self.images)
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """``jax.distributed.initialize``; on TPU pods and SLURM/Open MPI its arguments are detected."""
@@ -150,6 +193,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     monitor: MonitorConfig = MonitorConfig()
+    eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):

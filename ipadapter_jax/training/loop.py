@@ -2,7 +2,8 @@
 
 distributed -> mesh -> model (frozen base placed at load, adapter created sharded) -> input -> optimizer
 state (eval_shape, then jit(init, out_shardings)) -> step (jit with in/out shardings and donation) ->
-restore (from the workdir's latest checkpoint) -> loop (log, checkpoint, samples, exports) -> final export.
+restore (from the workdir's latest checkpoint) -> loop (log, evaluate, checkpoint, samples, exports) -> final
+export.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training import model as model_lib
 from ipadapter_jax.training import step as step_lib
 from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.evaluator import EvalLog, Evaluator, summary_line
 from ipadapter_jax.training.monitoring import Monitor
 from ipadapter_jax.training.samples import SampleGrid, write_grid
 from ipadapter_jax.weights.checkpoint_files import weights_fingerprint
@@ -71,9 +73,11 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          on_eval: Callable[[int, dict[str, float], list], None] | None = None) -> TrainResult:
     """Train (or resume) the adapter described by ``config``; ``devices`` restricts the mesh (tests);
-    ``on_step(step, metrics)`` gets every step's metrics as floats (a device sync per step)."""
+    ``on_step(step, metrics)`` gets every step's metrics as floats (a device sync per step);
+    ``on_eval(step, metrics, images)`` every evaluation's metrics and generated PIL images."""
     config.validate_for_training()
     workdir = Path(config.workdir).absolute()
 
@@ -153,8 +157,12 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
                                   "model.image_encoder": weights_fingerprint(config.model.image_encoder)}
         notes: list[str] = []
 
+        saved_eval: dict = {}
+
         def load(step: int):
-            check_resumable(checkpointer.read_record(step), record)
+            saved = checkpointer.read_record(step)
+            check_resumable(saved, record)
+            saved_eval[step] = saved.get("eval")
             return checkpointer.restore(step, abstract_like(state), iterator)
 
         found = checkpointer.restore_newest(
@@ -163,6 +171,8 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
         if found is not None:
             resumed_from, state = found
             notes.append(f"Resumed from step {resumed_from}.")
+            if saved_eval.get(resumed_from) is not None:  # the latest evaluation stays in the record
+                record["eval"] = saved_eval[resumed_from]
         step = int(jax.device_get(state["step"]))
 
         # ---------------------------------------------------------------- compile
@@ -173,18 +183,40 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
             with jax.set_mesh(mesh):  # the mesh that Pallas kernels deep in the UNet are split over
                 compiled = jitted.lower(state, frozen, consts, batch).compile()
             flops = (compiled.cost_analysis() or {}).get("flops")
-        sampler = _sample_grid(config, assembled, mesh, frozen, cached)
+        encoders = _encoders(config, assembled, mesh, frozen, cached)
+        sampler = SampleGrid(config, assembled, encoders, mesh) if config.monitor.sample_every_steps else None
+        evaluator = Evaluator(config, assembled, encoders, mesh) if config.eval.every_steps else None
         monitor = Monitor(workdir, config.monitor, start_step=step, total_steps=config.total_steps,
                           global_batch_size=config.global_batch_size, num_devices=mesh.size,
                           flops_per_device_step=flops, primary=primary)
         for note in notes:
             monitor.write(note)
+        eval_log = None
+        if evaluator is not None:
+            eval_log = EvalLog(workdir, keep_through=step if resumed_from is not None else -1, primary=primary)
+
+        def evaluate(step: int) -> None:
+            """Generate and score the held-out image prompts; the result also goes into later checkpoints."""
+            nonlocal record
+            metrics, images = evaluator(state["params"], frozen)
+            row = {"step": step, **metrics}
+            if history and history[-1]["step"] == step:
+                row["loss"] = history[-1]["loss"]
+            eval_log.append(row)
+            record = {**record, "eval": row}
+            monitor.log_eval(step, metrics, summary_line(step, metrics, evaluator.metrics.name, len(images)))
+            monitor.image(step, "eval/images", evaluator.sheet(images))
+            if on_eval is not None:
+                on_eval(step, metrics, images)
+            monitor.reset_clock(step)
 
         # ---------------------------------------------------------------- loop
         history: list[dict[str, float]] = []
         pending: list[tuple[int, dict[str, jax.Array]]] = []
         log_every, every_export = config.monitor.log_every_steps, config.checkpoint.export_every_steps
         preempted = False
+        if evaluator is not None and config.eval.at_start and resumed_from is None and step == 0:
+            evaluate(0)
 
         def settle() -> None:
             """Metrics to the host; a non-finite loss stops the run before anything is saved from it."""
@@ -211,12 +243,16 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
             export_now = bool(every_export) and step % every_export == 0 and not last
             sample_now = sampler is not None and step % config.monitor.sample_every_steps == 0
             logged = step % log_every == 0 or last
-            if on_step is not None or logged or preempted or export_now or sample_now or checkpointer.due(step):
+            eval_now = evaluator is not None and (step % config.eval.every_steps == 0 or last)
+            if (on_step is not None or logged or preempted or export_now or sample_now or eval_now
+                    or checkpointer.due(step)):
                 settle()
                 if logged:
                     history[-1].update(monitor.log(step, history[-1], num_skipped=iterator.num_skipped))
                 if on_step is not None:
                     on_step(step, history[-1])
+            if eval_now and not preempted:  # before the checkpoint, whose record then holds it
+                evaluate(step)
             if preempted:
                 checkpointer.save(step, state, iterator, record, force=True)
                 monitor.write(f"Preemption notice at step {step}: checkpoint saved; rerun to resume.")
@@ -310,15 +346,13 @@ def _export(params, spec, out_dir: Path, primary: bool) -> Path:
     return out_file
 
 
-def _sample_grid(config: TrainConfig, assembled, mesh, frozen, cached: bool):
-    if not config.monitor.sample_every_steps:
+def _encoders(config: TrainConfig, assembled, mesh, frozen, cached: bool):
+    """The frozen VAE and encoders for sample grids and evaluation (None when neither is on)."""
+    if not (config.monitor.sample_every_steps or config.eval.every_steps):
         return None
-
     if cached:  # the encoders are not part of a cached run's model
-        encoders = model_lib.load_encoders(config.model, assembled.info, mesh, config.mesh.rules)
-    else:
-        encoders = assembled.merge(assembled.trainable, frozen)
-    return SampleGrid(config, assembled, encoders, mesh)
+        return model_lib.load_encoders(config.model, assembled.info, mesh, config.mesh.rules)
+    return assembled.merge(assembled.trainable, frozen)
 
 
 def _write_samples(sampler, params, frozen, workdir: Path, step: int, monitor: Monitor) -> None:

@@ -1,7 +1,9 @@
 """Training metrics to the console (with a progress bar) and TensorBoard, from the primary process only.
 
 Per log interval: loss, gradient norm, learning rate, images/s and TFLOP/s per device (XLA's count of the
-compiled step's FLOPs for one device's share, over the measured wall time), plus skipped records.
+compiled step's FLOPs for one device's share, over the measured wall time), plus skipped records. Per
+evaluation (`training.evaluator`): its metrics under ``eval/`` and on the console, the latest beside the loss in
+the progress bar.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Monitor:
         self._last_step = start_step
         self._bar = None
         self._writer = None
+        self._postfix: dict[str, str] = {}
         if not primary:
             return
         if config.progress_bar:
@@ -71,7 +74,8 @@ class Monitor:
         if not self.primary:
             return out
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['images_per_second']:.1f}")
+            self._postfix.update(loss=f"{out['loss']:.4f}", img_s=f"{out['images_per_second']:.1f}")
+            self._bar.set_postfix(self._postfix)
         parts = [f"step {step}", f"loss {out['loss']:.5f}", f"grad_norm {out['grad_norm']:.4f}",
                  f"lr {out['learning_rate']:.3g}", f"{out['images_per_second']:.2f} img/s"]
         if "tflops_per_device" in out:
@@ -89,6 +93,19 @@ class Monitor:
             self._writer.add_scalar("data/num_skipped", num_skipped, step)
             self._writer.flush()
         return out
+
+    def log_eval(self, step: int, metrics: dict[str, float], line: str) -> None:
+        """An evaluation's metrics: TensorBoard ``eval/<name>``, the console line, the progress bar's postfix."""
+        if not self.primary:
+            return
+        self.write(line)
+        if self._bar is not None:
+            self._postfix.update({k: f"{v:.3f}" for k, v in metrics.items() if k in ("clip_i", "clip_t")})
+            self._bar.set_postfix(self._postfix)
+        if self._writer is not None:
+            for key, value in metrics.items():
+                self._writer.add_scalar(f"eval/{key}", value, step)
+            self._writer.flush()
 
     def reset_clock(self, step: int) -> None:
         """Exclude time spent outside training steps (checkpoint, samples) from the next throughput."""

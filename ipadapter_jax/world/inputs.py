@@ -1,23 +1,37 @@
 """`world` placeholders of a training config (`train/world_adapter.yaml`), written under `<workdir>/world/` on
 first use: `model.base: world` (the world's diffusers folder with the shipped trained UNet, or the UNet file
 given as `world:<path>`), `model.image_encoder: world`, `data.source: world` (the official JSON list of
-`TRAIN_IMAGES` scenes)."""
+`TRAIN_IMAGES` scenes), `eval.images: [world]` (the first `EVAL_IMAGES` held-out scenes, `world:<n>` the first n,
+with their captions)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.world.build import SHIPPED_UNET, write_world_base, write_world_image_encoder
-from ipadapter_jax.world.scenes import write_world_dataset
+from ipadapter_jax.world.scenes import held_out_scenes, render, write_world_dataset
 
 WORLD = "world"
 TRAIN_IMAGES, TRAIN_SEED = 1024, 1
+EVAL_IMAGES = 32
+
+
+def _eval_world(images: tuple[str, ...]) -> int | None:
+    """How many held-out scenes `eval.images` asks for (None: it names files)."""
+    if len(images) != 1 or images[0].split(":")[0] != WORLD:
+        return None
+    count = images[0].split(":", 1)[1] if ":" in images[0] else str(EVAL_IMAGES)
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"eval.images {images[0]!r}: write world or world:<number of held-out scenes>.")
+    return int(count)
 
 
 def uses_world(config) -> bool:
     m = config.model
-    return WORLD in (m.base.split(":")[0], m.image_encoder, config.data.source)
+    return (WORLD in (m.base.split(":")[0], m.image_encoder, config.data.source)
+            or _eval_world(config.eval.images) is not None)
 
 
 def materialize_world(config, primary: bool = True):
@@ -40,4 +54,15 @@ def materialize_world(config, primary: bool = True):
         if primary and not (folder / "data.json").is_file():  # written last
             write_world_dataset(folder, TRAIN_IMAGES, seed=TRAIN_SEED)
         d = dataclasses.replace(d, source=str(folder / "data.json"))
-    return dataclasses.replace(config, model=m, data=d)
+    e = config.eval
+    count = _eval_world(e.images)
+    if count is not None:
+        scenes = held_out_scenes(count)
+        folder = root / "eval"
+        files = tuple(str(folder / f"{i:03d}.png") for i in range(count))
+        if primary:
+            folder.mkdir(parents=True, exist_ok=True)
+            for scene, file in zip(scenes, files, strict=True):
+                render(scene).save(file)
+        e = dataclasses.replace(e, images=files, captions=e.captions or tuple(s.caption for s in scenes))
+    return dataclasses.replace(config, model=m, data=d, eval=e)

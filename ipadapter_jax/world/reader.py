@@ -15,6 +15,7 @@ whether the generated shape is the one the caption names (chance 1/3).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -97,3 +98,16 @@ def toy_clip_i(generated: dict, reference: dict) -> float:
 def toy_clip_t(generated: dict, caption: str) -> float:
     named = caption_attributes(caption)
     return float(np.mean([generated[k] == v for k, v in named.items()]))
+
+
+def toy_metrics(generated: Sequence[dict], references: Sequence[dict], captions: Sequence[str]) -> dict[str, float]:
+    """Means over items of toy CLIP-I (against the reference's attributes), toy CLIP-T (against the caption) and,
+    per attribute, the fraction of generations that agree with the reference (`shape`: with the caption)."""
+    named = [caption_attributes(c) for c in captions]
+    out = {"clip_i": float(np.mean([toy_clip_i(g, r) for g, r in zip(generated, references, strict=True)])),
+           "clip_t": float(np.mean([toy_clip_t(g, c) for g, c in zip(generated, captions, strict=True)]))}
+    for k in IMAGE_ATTRIBUTES:
+        out[k] = float(np.mean([g[k] == r[k] for g, r in zip(generated, references, strict=True)]))
+    for k in CAPTION_ATTRIBUTES:
+        out[k] = float(np.mean([g[k] == n[k] for g, n in zip(generated, named, strict=True)]))
+    return out

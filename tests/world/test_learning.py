@@ -1,23 +1,27 @@
 """Learning is visible: an adapter trained briefly with the real loop (train/world_adapter.yaml) on the shipped
-world base makes generations show the image prompt's colours and position (toy CLIP-I well above chance),
-while the same scenes generated from their captions alone stay at chance."""
+world base makes generations show the image prompt's background (toy CLIP-I well above chance), as measured
+by the run's own evaluation during training, while the same scenes generated from their captions alone stay at
+chance."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ipadapter_jax.evaluation.world import evaluate_world
+from ipadapter_jax.evaluation.world import generate, toy_scores
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 from ipadapter_jax.training import load_train_config, train
 from ipadapter_jax.world.scenes import held_out_scenes
 
 RECIPE = Path(__file__).resolve().parents[2] / "train" / "world_adapter.yaml"
-STEPS = 500  # of the recipe's 800 (the shipped adapter: background 0.95, toy CLIP-I 0.45 on 64 scenes)
-MIN_CLIP_I = 0.25  # with the image prompt; chance level is 0.167
+STEPS = 400  # of the recipe's 800 (its curve on 32 scenes: toy CLIP-I 0.22 at step 0, 0.44 at 400, 0.51 at 1200)
+SCENES = 16  # held-out scenes evaluated at step 0 and STEPS
+MIN_CLIP_I = 0.33  # with the image prompt after STEPS; chance level is 0.167
+MIN_GAIN = 0.1  # over step 0 (the initial adapter already passes a little of the image on)
 MIN_BACKGROUND = 0.5  # the background colour follows the image prompt (chance 0.125)
 MAX_TEXT_ONLY_CLIP_I = 0.25
 
@@ -25,19 +29,26 @@ MAX_TEXT_ONLY_CLIP_I = 0.25
 def test_adapter_learns_on_the_world(tmp_path):
     devices = jax.devices()[:1]  # the 8 fake test devices would only share the same 2 cores
     workdir = tmp_path / "run"
-    config = load_train_config(RECIPE, [f"workdir={workdir}", f"total_steps={STEPS}", "monitor.progress_bar=false",
-                                        "monitor.tensorboard=false", "checkpoint.every_steps=100000",
-                                        "checkpoint.async_save=false", "mesh.data=1"])
-    result = train(config, devices=devices)
-    assert result.step == STEPS and np.mean(result.losses[-20:]) < np.mean(result.losses[:20])
+    evals = {}
+    config = load_train_config(RECIPE, [
+        f"workdir={workdir}", f"total_steps={STEPS}", "monitor.progress_bar=false", "monitor.tensorboard=false",
+        "checkpoint.every_steps=100000", "checkpoint.async_save=false", "mesh.data=1",
+        f"eval.every_steps={STEPS}", f"eval.images=[world:{SCENES}]"])
+    result = train(config, devices=devices, on_eval=lambda step, metrics, _: evals.update({step: metrics}))
+    print(evals)
+    assert result.step == STEPS and sorted(evals) == [0, STEPS]
+    start, end = evals[0], evals[STEPS]
+    assert end["clip_i"] >= MIN_CLIP_I and end["clip_i"] >= start["clip_i"] + MIN_GAIN, evals
+    assert end["background"] >= MIN_BACKGROUND, end
+    rows = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, STEPS] and rows[1]["clip_i"] == end["clip_i"]
+
+    # Text only (IP scale 0 is exactly the frozen base): the captions alone do not carry the image attributes.
     world = workdir / "world"
     pipe = IPAdapterPipeline.from_pretrained(world / "base", image_encoder=world / "image_encoder",
                                              adapters=[result.exported], scheduler="ddim",
                                              mesh=Mesh(np.asarray(devices), ("data",)))
-    scores = evaluate_world(pipe, held_out_scenes(32))
-    with_image, text_only = scores["image_prompt"], scores["text_only"]
-    print({k: v.as_dict() for k, v in scores.items()})
-    assert with_image.clip_i >= MIN_CLIP_I, with_image.as_dict()
-    assert with_image.attributes["background"] >= MIN_BACKGROUND, with_image.as_dict()
+    scenes = held_out_scenes(SCENES)
+    text_only = toy_scores(generate(pipe, scenes, scale=0.0), scenes)
+    print(text_only.as_dict())
     assert text_only.clip_i <= MAX_TEXT_ONLY_CLIP_I, text_only.as_dict()
-    assert with_image.clip_i >= text_only.clip_i + 0.1

@@ -1,4 +1,5 @@
-"""A tiny random transformers CLIPModel folder (config, weights, tokenizer, image processor) for the tests."""
+"""A tiny random transformers CLIPModel folder (config, weights, tokenizer, image processor): the `clip_folder`
+fixture of the evaluation and training tests (registered in conftest.py)."""
 
 import pytest
 from reference_models import randomize_
