@@ -67,6 +67,9 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     for k in kernels.values():  # declared costs: issued work (128-lane heads) above the useful math
         assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
     assert 0 < r["kernel_time_share"] < 1
+    shares = r["time_by_kind"]  # the compiler's per-op cycles, grouped (planning/ops.py)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["kernel"] > 0
+    assert shares.get("convolution", 0) + shares.get("matmul", 0) > 0
     assert r["flops_per_chip_step"] - r["model_flops_per_chip_step"] == pytest.approx(
         sum(k["flops"] - k["useful_flops"] for k in kernels.values()))
 
