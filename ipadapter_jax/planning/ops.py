@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 
 _INSTRUCTION = re.compile(r"\n(?=\s*(?:ROOT\s+)?%[\w.\-]+ = )")
-_HEAD = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+) = (\S+?)(\{[^}]*\})? ([\w\-]+)\(")
+_HEAD = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+) = (\([^=]*?\)|\S+?)(\{[^}]*\})? ([\w\-]+)\(")  # tuple or array
 _CYCLES = re.compile(r'"estimated_cycles":"(-?\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%([\w.\-]+)")

@@ -33,7 +33,7 @@ ENTRY %main.1 (x.1: bf16[8,64,64,320]) -> bf16[] {{
   %fusion.1 = bf16[8,64,64,320]{{3,2,1,0:T(8,128)(2,1)}} fusion(%fusion.4, %w), kind=kOutput, calls=%fused_computation.2, metadata={{op_name="jit(f)/dot_general"}}, backend_config={_CFG.format(200)}
   %fusion.6 = bf16[8,64,64,320]{{3,2,1,0:T(8,128)(2,1)}} fusion(%fusion.1), kind=kLoop, calls=%fused_computation.6, metadata={{op_name="jit(f)/jvp(jit(silu))/mul"}}, backend_config={_CFG.format(50)}
   %copy.6 = bf16[8,64,64,320]{{3,0,2,1:T(8,128)(2,1)}} copy(%fusion.6), backend_config={_CFG.format(50)}
-  %ipadapter_flash_fwd.1 = bf16[16,4096,40]{{2,1,0}} custom-call(%copy.6), custom_call_target="tpu_custom_call", backend_config={{"custom_call_config":{{"cost_estimate":{{"flops":"1"}}}}}}
+  %ipadapter_flash_fwd.1 = (bf16[16,4096,40]{{2,1,0:T(8,128)(2,1)}}, f32[16,4096,128]{{2,1,0:T(8,128)}}) custom-call(%copy.6), custom_call_target="tpu_custom_call", backend_config={{"custom_call_config":{{"cost_estimate":{{"flops":"1"}}}}}}
   %all-reduce.2 = f32[320]{{0}} all-reduce(%p), replica_groups={{}}, backend_config={{"estimated_cycles":"-1"}}
   ROOT %reduce.1 = bf16[] reduce(%copy.6, %c), dimensions={{0,1,2,3}}, to_apply=%add
 }}
