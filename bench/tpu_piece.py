@@ -1,7 +1,8 @@
 """Compile the training step's representative piece (planning/piece.py: the first cross-attention level's down
 and up blocks, forward and backward) for a TPU slice and compare attention layouts by the TPU compiler's
-estimate: XLA attention, the Pallas kernels on (B*H, L, D) rows, and on (B, L, H*D) lanes. Stores
-bench/tpu_piece_results.json with the per-op breakdown (planning/ops.py). Estimates, not measurements.
+estimate: XLA attention, and `attention="pallas"` (every attention call through the kernels, cross-attention
+included, where the step's `auto` keeps cross-attention on XLA) on (B*H, L, D) rows and on (B, L, H*D) lanes.
+Stores bench/tpu_piece_results.json with the per-op breakdown (planning/ops.py). Estimates, not measurements.
 
     .venv-tpu/bin/python bench/tpu_piece.py [sd15|sdxl] [chip, e.g. v5p:2x2x1] [batch per chip]
 """
