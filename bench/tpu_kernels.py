@@ -32,7 +32,9 @@ SHAPES = [("sd15 64x64 self", 8, 4096, 4096, 8, 40), ("sd15 32x32 self", 8, 1024
           ("sdxl 32x32 self", 2, 1024, 1024, 20, 64)]
 VARIANTS = [("xla", {}), ("pallas pad 512/512", dict(pad_head=True)), ("pallas narrow 512/512", dict(pad_head=False)),
             ("pallas narrow 1024/512", dict(pad_head=False, block_q=1024)),
-            ("pallas narrow 512/1024", dict(pad_head=False, block_k=1024))]
+            ("pallas narrow 512/1024", dict(pad_head=False, block_k=1024)),
+            ("pallas lanes 512/512", dict(lanes=True)),
+            ("pallas lanes padded 512/512", dict(lanes=True, pad_lanes=True))]
 
 
 def main() -> None:

@@ -9,7 +9,10 @@ queries are sliced off); the head width is padded with zeros to the 128-lane wid
 (`pad_head=False`): the MXU does the same work either way, the second moves fewer bytes through HBM. Chosen by
 the compiler's estimates (bench/tpu_kernel_results.json): narrow on v5p, faster at every SD1.5 and SDXL shape;
 padded on v5e and v6e, faster there, and the only layout their cost model can price at SD sizes (narrow
-kernels come back without an estimate). `sharded_flash_attention` picks it from the mesh's device kind.
+kernels come back without an estimate). `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the
+projections write them (models/pallas_lanes.py): no transposes around the kernels; on v5p the compiler
+estimates it 3-27% faster per call than narrow rows, on v5e it cannot price it. `sharded_flash_attention`
+picks lanes on v5p and padded rows elsewhere, from the mesh's device kind.
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -56,6 +59,13 @@ class Tiling:
     q_real: int = 0  # unpadded query length and head width (0: as padded), for the useful-FLOP count
     head_real: int = 0
     fused_backward: bool = False  # one backward kernel, dQ accumulated on chip for the whole query length
+    heads: int = 1  # H: rows = B * H
+    lanes: bool = False  # heads left in the lanes, (B, L, H*D) (models/pallas_lanes.py); else rows (B*H, L, D)
+    width: int = 0  # lanes layout: the operands' last dimension, H*D or H*D padded to whole 128-lane tiles
+
+    @property
+    def channels(self) -> int:
+        return self.width or self.heads * self.head_dim
 
     @property
     def mxu_dim(self) -> int:
@@ -305,28 +315,40 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
-           fused_backward: bool = True, interpret: bool = False) -> Tiling:
+           fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
+           interpret: bool = False) -> Tiling:
     """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D)."""
     b, l, h, d = q_shape
     s = k_shape[1]
     bq = min(block_q, _round_up(l, LANES))
     bk = min(block_k, _round_up(s, LANES))
     return Tiling(rows=b * h, q_len=_round_up(l, bq), kv_len=_round_up(s, bk), kv_real=s,
-                  head_dim=_round_up(d, LANES) if pad_head else d, block_q=bq, block_k=bk,
+                  head_dim=_round_up(d, LANES) if pad_head and not lanes else d, block_q=bq, block_k=bk,
                   itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
-                  fused_backward=fused_backward)
+                  fused_backward=fused_backward or lanes, heads=h, lanes=lanes,
+                  width=_round_up(h * d, LANES) if lanes and pad_lanes else 0)
 
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
-                    fused_backward: bool = True, interpret: bool = False):
+                    fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
+                    interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
     q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
     in Pallas' interpreter (any backend, for tests)."""
     b, l, h, d = q_BLHD.shape
     t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
-               fused_backward=fused_backward, interpret=interpret)
+               fused_backward=fused_backward, lanes=lanes, pad_lanes=pad_lanes, interpret=interpret)
     scale = jnp.asarray(d**-0.5, q_BLHD.dtype)
+    if lanes:
+        from ipadapter_jax.models.pallas_lanes import flash_lanes
+
+        def flat(x_BXHD, length):  # (B, X, H, D) -> (B, length, width): a reshape of the projection's output
+            x = x_BXHD.reshape(b, x_BXHD.shape[1], h * d)
+            return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, t.channels - h * d)))
+
+        out = flash_lanes(flat(q_BLHD * scale, t.q_len), flat(k_BSHD, t.kv_len), flat(v_BSHD, t.kv_len), t)
+        return out[:, :l, :h * d].reshape(b, l, h, d)
 
     def rows(x_BXHD, length):
         x = jnp.transpose(x_BXHD, (0, 2, 1, 3)).reshape(b * h, x_BXHD.shape[1], d)
@@ -348,7 +370,9 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     """
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else mesh.abstract_device
-    kwargs.setdefault("pad_head", getattr(device, "device_kind", None) not in NARROW_HEADS)
+    narrow = getattr(device, "device_kind", None) in NARROW_HEADS
+    kwargs.setdefault("lanes", narrow)  # v5p: heads in the lanes; elsewhere rows with 128-lane heads (see above)
+    kwargs.setdefault("pad_head", not narrow)
     axes = () if mesh.empty else tuple(
         a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
     size = 1

@@ -35,9 +35,24 @@ def _mesh(devices: list, data: int, fsdp: int) -> Mesh:
     return Mesh(grid, sharding_lib.AXES)
 
 
-def _compile(program: steps.Program):
+TRAIN_ADVICE = ("lower global_batch_size, set model.remat=full (or dots_no_batch), optimizer.grad_accum_steps=N, "
+                "or mesh.fsdp=N to split the weights")
+GENERATE_ADVICE = "lower --batch-per-chip or split the weights with --fsdp N"
+
+
+def _compile(program: steps.Program, topology: Topology, advice: str):
+    """Compile for the slice; the compiler refusing a program over the chip's HBM is a plan that does not fit."""
     start = time.perf_counter()
-    compiled = program.lower().compile()
+    try:
+        compiled = program.lower().compile()
+    except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError; only the out-of-HBM refusal is ours
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message or "HBM" not in message:
+            raise
+        reason = message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise UserError(f"{program.name} does not fit on {topology.accelerator_type} ({topology.name}), "
+                        f"{program.items_per_step / program.mesh.size:g} per chip: {reason} "
+                        f"(after {time.perf_counter() - start:.0f} s of compiling). To fit: {advice}.") from None
     return compiled, time.perf_counter() - start
 
 
@@ -57,7 +72,7 @@ def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate
         notes.append("the cached-encoder step (data.cache); a raw-image step also runs the VAE and CLIP encoders")
     mesh = _mesh(topology.devices(), config.mesh.data, config.mesh.fsdp)
     program = steps.train_program(config, base, encoder, mesh)
-    compiled, seconds = _compile(program)
+    compiled, seconds = _compile(program, topology, TRAIN_ADVICE)
     estimate = report.analyse(program, compiled, topology, seconds, total_steps=config.total_steps, notes=notes)
     if accum > 1:
         estimate.est_step_s *= accum
@@ -66,9 +81,7 @@ def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate
         estimate.items_per_step *= accum
         estimate.batch_per_chip *= accum
     if not estimate.fits:
-        estimate.notes.append(
-            f"does not fit: lower global_batch_size ({estimate.batch_per_chip:g} per chip now), set "
-            "model.remat=dots_no_batch (or full), optimizer.grad_accum_steps=N, or mesh.fsdp=N to split weights")
+        estimate.notes.append(f"does not fit ({estimate.batch_per_chip:g} per chip now): {TRAIN_ADVICE}")
     return estimate
 
 
@@ -82,13 +95,12 @@ def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: To
     encoder = bases.image_encoder_config(image_encoder, base)
     mesh = _mesh(topology.devices(), -1, settings.fsdp)
     program = steps.generate_program(dataclasses.replace(settings, steps=1), base, encoder, mesh)
-    compiled, seconds = _compile(program)
+    compiled, seconds = _compile(program, topology, GENERATE_ADVICE)
     program.unet_calls = settings.steps
     notes = [f"one denoising step compiled; images/s counts {settings.steps} steps per image"]
     estimate = report.analyse(program, compiled, topology, seconds, notes=notes)
     if not estimate.fits:
-        estimate.notes.append(f"does not fit: lower --batch-per-chip ({settings.batch_per_chip} now) or split the "
-                              "weights with --fsdp N")
+        estimate.notes.append(f"does not fit ({settings.batch_per_chip} per chip now): {GENERATE_ADVICE}")
     return estimate
 
 

@@ -10,6 +10,7 @@ import math
 import re
 from typing import Any
 
+from ipadapter_jax.planning import ops
 from ipadapter_jax.planning.topology import Topology
 
 _COST = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"(\d+)","bytes_accessed":"(\d+)"')
@@ -71,6 +72,8 @@ class Estimate:
     kernels: dict[str, KernelCost]
     total_steps: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Share of the compiler's estimated cycles by kind of operation (planning/ops.py): where the step goes.
+    time_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def hbm_used_bytes_per_chip(self) -> int:
@@ -121,7 +124,9 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
             notes: list[str] | None = None) -> Estimate:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
-    kernels = kernel_costs(compiled.as_text())
+    text = compiled.as_text()
+    kernels = kernel_costs(text)
+    op_list = ops.op_costs(text)
     flops = float(cost.get("flops", 0.0))
     model_flops = flops - sum(k.flops - k.useful_flops for k in kernels.values())
     mesh = program.mesh
@@ -134,7 +139,7 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
         seconds += unpriced
         notes.append(f"the compiler could not price {unpriced} operation(s) on this chip (it returns -1 s for "
                      "each); they are counted as free, so the time is a lower bound and MFU an upper bound")
-    return Estimate(
+    estimate = Estimate(
         program=program.name, topology=topology.name, accelerator_type=topology.accelerator_type,
         mesh={str(a): int(n) for a, n in mesh.shape.items()},
         batch_per_chip=program.items_per_step / mesh.size, compile_seconds=compile_seconds,
@@ -147,6 +152,9 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
         est_step_s=seconds, peak_flops_per_chip=topology.chip.peak_bf16_flops,
         items_per_step=program.items_per_step, unet_calls_per_item=program.unet_calls, kernels=kernels,
         total_steps=total_steps, notes=notes, kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s)
+    by_kind = ops.summary(op_list, kernel_share=estimate.kernel_time_share)["by_kind"]
+    estimate.time_by_kind = {k: v["share"] for k, v in by_kind.items()}
+    return estimate
 
 
 def _gib(n: float) -> str:
@@ -168,6 +176,7 @@ def table(e: Estimate) -> str:
         ("MFU (compiler's estimate)", f"{100 * e.est_mfu:.1f}% of {e.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16"),
         ("custom kernels (declared)", f"{100 * e.kernel_time_share:.1f}% of the step, "
                                       + (", ".join(f"{n} x{k.calls}" for n, k in e.kernels.items()) or "none")),
+        ("where the step goes (estimate)", ", ".join(f"{k} {100 * v:.0f}%" for k, v in e.time_by_kind.items())),
         ("images/s, whole slice (estimate)", f"{e.images_per_s:,.1f}"),
         ("compile time", f"{e.compile_seconds:.0f} s"),
     ]

@@ -93,3 +93,35 @@ def test_declared_costs_count_the_issued_work():
     assert narrow["ipadapter_flash_fwd"].bytes_accessed < costs["ipadapter_flash_fwd"].bytes_accessed
     for cost in costs.values():
         assert cost.transcendentals >= 16 * 4096 * 4096  # one exp per score
+    from ipadapter_jax.models.pallas_lanes import lane_costs
+
+    lanes = lane_costs(pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16, lanes=True))
+    assert lanes["ipadapter_flash_fwd"].flops == costs["ipadapter_flash_fwd"].flops  # heads still 128 in the MXU
+    assert lanes["ipadapter_flash_bwd"].flops == costs["ipadapter_flash_bwd"].flops
+    # The statistics: (B, L, H) in one lane tile, where rows store a 128-lane tile per head.
+    assert lanes["ipadapter_flash_fwd"].bytes_accessed < narrow["ipadapter_flash_fwd"].bytes_accessed
+
+
+LANE_CASES = {
+    "SD1.5 heads, lanes 320 wide": (1, 256, 256, 8, 40, False),  # H*D = 320: not whole 128-lane tiles
+    "SD1.5 heads, lanes padded to 384": (1, 320, 320, 8, 40, True),  # rows 320 -> 384 too
+    "SDXL heads": (2, 256, 256, 2, 64, False),
+    "cross, 77 text tokens": (1, 256, 77, 2, 40, False),  # keys padded 77 -> 128 and masked
+}
+
+
+@pytest.mark.parametrize("case", list(LANE_CASES))
+def test_lanes_layout_matches_xla_forward_and_gradients(case):
+    """Heads left in the lanes, (B, L, H*D): the same attention and gradients as the XLA path."""
+    b, l, s, h, d, pad_lanes = LANE_CASES[case]
+    q, k, v = _qkv(b, l, s, h, d, seed=1)
+
+    def flash(q, k, v):
+        return pa.flash_attention(q, k, v, block_q=128, block_k=128, lanes=True, pad_lanes=pad_lanes,
+                                  interpret=True)
+
+    assert rel_err(jax.jit(flash)(q, k, v), _plain(q, k, v)) < 1e-5
+    ours = jax.jit(jax.grad(_loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(_loss(_plain), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a, r) < 1e-5, name

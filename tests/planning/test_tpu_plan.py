@@ -47,6 +47,12 @@ def test_tpu_target_compiles_without_the_cpu_paths(results):
     assert hlo["cpu_chunked_attention"] == 0 and hlo["cpu_gemm_conv"] == 0
 
 
+def test_lanes_kernels_compile_for_v5p(results):
+    r = next(r for r in results if r["job"] == "lanes")
+    assert r["kernels"] == ["ipadapter_flash_bwd", "ipadapter_flash_fwd"]
+    assert 0 < r["optimal_seconds"] < 1  # priced (declared costs), not the -1 s of an unpriced operation
+
+
 @pytest.mark.parametrize(("job", "fsdp"), [("train", 1), ("train", 2), ("generate", 2)])
 def test_tiny_steps_compile_and_report(results, job, fsdp):
     r = next(r for r in results if r["job"] == job and r["fsdp"] == fsdp)
@@ -61,6 +67,9 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     for k in kernels.values():  # declared costs: issued work (128-lane heads) above the useful math
         assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
     assert 0 < r["kernel_time_share"] < 1
+    shares = r["time_by_kind"]  # the compiler's per-op cycles, grouped (planning/ops.py)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["kernel"] > 0
+    assert shares.get("convolution", 0) + shares.get("matmul", 0) > 0
     assert r["flops_per_chip_step"] - r["model_flops_per_chip_step"] == pytest.approx(
         sum(k["flops"] - k["useful_flops"] for k in kernels.values()))
 
@@ -69,7 +78,7 @@ def test_json_has_the_documented_keys(results):
     keys = {"fits", "topology", "mesh", "batch_per_chip", "hbm_used_bytes_per_chip", "hbm_capacity_bytes_per_chip",
             "flops_per_chip_step", "est_step_s", "est_mfu", "images_per_s", "est_total_hours"}
     for r in results:
-        if r["job"] != "hlo":
+        if r["job"] not in ("hlo", "lanes"):
             assert keys <= set(r)
 
 

@@ -60,12 +60,33 @@ def hlo_check(topology: str) -> dict:
     return {"job": "hlo", **{k: text.count(k) for k in ("tpu_custom_call", "cpu_chunked_attention", "cpu_gemm_conv")}}
 
 
+def lanes_check() -> dict:
+    """The lanes-layout kernels (SD1.5's 40-wide heads, (B, L, H*D)) compiled by Mosaic for one v5p chip, fwd+bwd."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.models.pallas_attention import flash_attention
+    from ipadapter_jax.planning import parse_topology
+
+    one = NamedSharding(jax.sharding.Mesh(parse_topology("v5p:2x2x1").devices()[:1], ("data",)), P())
+    x = jax.ShapeDtypeStruct((2, 1024, 8, 40), jnp.bfloat16, sharding=one)
+    grad = jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v, lanes=True).astype(jnp.float32)), (0, 1, 2))
+    compiled = jax.jit(grad).lower(x, x, x).compile()
+    text = compiled.as_text()
+    return {"job": "lanes", "optimal_seconds": compiled.cost_analysis()["optimal_seconds"],
+            "kernels": sorted({n for n in ("ipadapter_flash_fwd", "ipadapter_flash_bwd") if n in text}),
+            "transposes": text.count(" transpose(")}
+
+
 def main(topology: str) -> None:
     from ipadapter_jax.planning import GenerateSettings, plan_generate, plan_train
     from ipadapter_jax.planning.report import dumps
     from ipadapter_jax.training.config import load_train_config
 
     print(json.dumps(hlo_check(topology)), flush=True)
+    print(json.dumps(lanes_check()), flush=True)
     root = write_base(Path(tempfile.mkdtemp()))
     for fsdp, remat in ((1, "dots_no_batch"), (2, "none")):  # a data mesh, then data x fsdp (the UNet split)
         config = load_train_config(None, [f"model.base={root}", f"model.image_encoder={root / 'image_encoder'}",
