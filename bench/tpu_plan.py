@@ -10,9 +10,7 @@ Every number is the TPU compiler's estimate (`cost_analysis`, `memory_analysis`)
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,41 +19,22 @@ RESULTS = Path(__file__).with_name("tpu_plan_results.json")
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("job", choices=["train", "generate"])
-    p.add_argument("--topology", required=True)
-    p.add_argument("--config")
-    p.add_argument("--base", default="sd15")
-    p.add_argument("--adapter", default="plus")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--batch-per-chip", type=int, default=1)
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--fsdp", type=int, default=1)
-    p.add_argument("--force", action="store_true", help="compile again even if a result is stored")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
-    key = " ".join(argv_without_force(argv))
+    """`argv`: the job (train or generate), then `ipadapter-jax plan`'s flags and overrides, and --force to compile
+    again a configuration whose result is stored."""
+    force = "--force" in argv
+    argv = argv_without_force(argv)
+    key = " ".join(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if key in results and not args.force:
+    if key in results and not force:
         print(f"stored: {key}\n{json.dumps(results[key], indent=1)}")
         return
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles may run at once; no TPU here
-    from ipadapter_jax.planning import GenerateSettings, base_architecture, plan_generate, plan_train, table
+    from ipadapter_jax.cli import build_parser
+    from ipadapter_jax.planning import table
+    from ipadapter_jax.planning.plan import estimate_from_args
 
-    if args.job == "train":
-        from ipadapter_jax.training.config import load_train_config
-
-        estimate = plan_train(load_train_config(args.config, args.overrides), args.topology)
-    else:
-        base = base_architecture(args.base)
-        size = base.unet.sample_size * base.vae_scale_factor
-        estimate = plan_generate(args.base, GenerateSettings(
-            height=args.height or size, width=args.width or size, steps=args.steps, guidance=args.guidance,
-            batch_per_chip=args.batch_per_chip, adapter=None if args.adapter == "none" else args.adapter,
-            attention=args.attention, fsdp=args.fsdp), args.topology)
+    if not argv or argv[0] not in ("train", "generate"):
+        raise SystemExit("usage: bench/tpu_plan.py {train,generate} [ipadapter-jax plan flags] [--force]")
+    estimate = estimate_from_args(build_parser().parse_args(["plan", "--job", *argv]))
     print(table(estimate), flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # others may have written meanwhile
     results[key] = {**estimate.to_json(), "recorded": time.strftime("%Y-%m-%d %H:%M")}

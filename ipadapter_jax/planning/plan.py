@@ -106,6 +106,12 @@ def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: To
 
 def plan_from_args(args) -> str:
     """The `ipadapter-jax plan` command's output (table, or JSON with `--json`) from its parsed arguments."""
+    estimate = estimate_from_args(args)
+    return report.dumps(estimate) if args.json else report.table(estimate)
+
+
+def estimate_from_args(args):
+    """The compiler's estimate for the `ipadapter-jax plan` arguments (also bench/tpu_plan.py's)."""
     require_libtpu()
     # No TPU is opened here, only its compiler: let plans run beside other libtpu processes (libtpu otherwise
     # takes a machine-wide lock meant for the chips). Read when libtpu starts, so before the first compile.
@@ -127,4 +133,4 @@ def plan_from_args(args) -> str:
             adapter=None if args.adapter == "none" else args.adapter, num_tokens=args.num_tokens,
             scheduler=args.scheduler, attention=args.attention, fsdp=args.fsdp)
         estimate = plan_generate(args.base, settings, topology, args.image_encoder)
-    return report.dumps(estimate) if args.json else report.table(estimate)
+    return estimate
