@@ -1,12 +1,21 @@
 """Full generation with an IP-Adapter (encode prompt and image, N denoising steps with classifier-free
 guidance, VAE decode) on an SD1.5-size pipeline with random weights written to disk in the real formats: this
 project (JAX) against diffusers (PyTorch) in the same run, same machine, same folder, each side in its own
-process (see _common.py). Also load time from the local folder and the first call's compile time; on a GPU,
-images/s and the fraction of peak FLOP/s.
+process (see _common.py). Reports what a user feels, each against diffusers:
+- load: from the local folder, converting (this project's converted-weights cache off);
+- first call: the first generation in a process (ours compiles, without the compile cache);
+- steady: the median of the calls after it;
+- process: one whole command in a new process, from process start to the PNG on disk (`ipadapter-jax generate`
+  against a script that imports diffusers, loads, generates and saves): ours once with empty caches (cold), then
+  ours with the caches that run left (warm) alternating with diffusers, `--processes` rounds.
+On a GPU also images/s and the fraction of peak FLOP/s.
 
-    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--dtype float32] [--controlnet]
+    python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--processes 2]
+                             [--dtype float32] [--controlnet]
 
-Last line: RESULT name=generate ours_s=<median> reference_s=<median> speedup=<reference/ours>
+Last line: RESULT name=generate ours_s=<steady median> reference_s=<median> speedup=<reference/ours>
+load_ours_s=.. load_reference_s=.. first_ours_s=.. first_reference_s=.. process_cold_ours_s=..
+process_warm_ours_s=<median> process_reference_s=<median> process_warm_speedup=<reference/warm> (one line)
 
 With --controlnet an SD1.5-size ControlNet is written too and each side times calls with and without it, in
 turn, in the same process; the last line is then the added cost of one ControlNet per denoising step:
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -184,6 +194,65 @@ def side_reference(base, encoder, adapter, args) -> None:
           "threads": torch.get_num_threads()})
 
 
+def side_reference_process(base, encoder, adapter, args, out: Path) -> None:
+    """A whole diffusers command: import, load, generate one image, save it (timed from outside)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name,
+                         image_encoder_folder=encoder.name, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        image = pipe("a photo", ip_adapter_image=Image.open(out.parent / "ref.png"), generator=torch.manual_seed(0),
+                     num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+                     num_images_per_prompt=args.batch).images[0]
+    image.save(out)
+
+
+def process_times(root: Path, argv: list[str], args) -> dict[str, float | list[float]]:
+    """Whole commands in new processes (start to PNG): ours cold once, then ours warm and diffusers in turn."""
+    import subprocess
+
+    reference_image().save(root / "ref.png")
+    cache = Path(tempfile.mkdtemp(prefix="ipadapter-bench-cache-"))
+    env = {**os.environ, "IPADAPTER_JAX_CACHE": str(cache)}
+    for key in ("IPADAPTER_JAX_COMPILE_CACHE", "IPADAPTER_JAX_WEIGHTS_CACHE"):
+        env.pop(key, None)
+    ours = [sys.executable, "-c", "import sys; from ipadapter_jax.cli import main; sys.exit(main())", "generate",
+            "--base", str(root / "sd15"), "--image-encoder", str(root / "image_encoder"), "--adapter",
+            str(root / "ip-adapter_sd15.safetensors"), "--image", str(root / "ref.png"), "--prompt", "a photo",
+            "--steps", str(args.steps), "--guidance", "7.5", "--height", str(args.size), "--width", str(args.size),
+            "--num-images", str(args.batch), "--dtype", args.dtype, "--seed", "0", "--overwrite"]
+    reference = [sys.executable, str(Path(__file__)), *argv, "--side", "reference-process"]
+
+    def run(cmd, out: Path, **kw) -> float:
+        out.unlink(missing_ok=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        seconds = time.perf_counter() - start
+        written = out.exists() or any(out.parent.glob(out.stem + "-*" + out.suffix))
+        if proc.returncode != 0 or not written:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            raise SystemExit(f"{cmd[3] if cmd[1] == '-c' else 'reference'} process failed ({proc.returncode})")
+        return seconds
+
+    try:
+        ours_out, ref_out = root / "process-ours.png", root / "process-reference.png"
+        cold = run([*ours, "--out", str(ours_out)], ours_out, env=env)
+        print(f"process, ours with empty caches (compiles, converts and writes both caches): {cold:.1f} s")
+        warm, ref = [], []
+        for _ in range(args.processes):
+            ref.append(run([*reference, "--process-out", str(ref_out)], ref_out))
+            warm.append(run([*ours, "--out", str(ours_out)], ours_out, env=env))
+        return {"cold": cold, "warm": warm, "reference": ref}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -194,7 +263,10 @@ def main() -> None:
     p.add_argument("--models", type=Path, help="reuse (or create) the random model folder here")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--controlnet", action="store_true", help="the added cost of one ControlNet per step")
-    p.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--processes", type=int, default=2,
+                   help="rounds of whole commands in new processes, ours warm against diffusers (0: skip)")
+    p.add_argument("--side", choices=["ours", "reference", "reference-process"], help=argparse.SUPPRESS)
+    p.add_argument("--process-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     root = args.models or Path(tempfile.mkdtemp(prefix="ipadapter-bench-"))
     base, encoder, adapter = root / "sd15", root / "image_encoder", root / "ip-adapter_sd15.safetensors"
@@ -202,6 +274,8 @@ def main() -> None:
         return side_ours(base, encoder, adapter, args)
     if args.side == "reference":
         return side_reference(base, encoder, adapter, args)
+    if args.side == "reference-process":
+        return side_reference_process(base, encoder, adapter, args, args.process_out)
 
     start = time.perf_counter()
     if not (base / "model_index.json").exists():
@@ -232,7 +306,19 @@ def main() -> None:
     print(f"reference (diffusers, torch {ref['torch']}, {ref['threads']} threads): load {ref['load_s']:.1f} s, "
           f"first call {ref['first_s']:.1f} s, median {ref_median:.2f} s "
           f"({', '.join(f'{t:.2f}' for t in ref['times'])}), {args.batch / ref_median:.3f} images/s")
-    print(f"RESULT name=generate ours_s={median:.4f} reference_s={ref_median:.4f} speedup={ref_median / median:.2f}")
+    result = {"ours_s": median, "reference_s": ref_median, "speedup": ref_median / median,
+              "load_ours_s": ours["load_s"], "load_reference_s": ref["load_s"], "first_ours_s": ours["first_s"],
+              "first_reference_s": ref["first_s"]}
+    if args.processes > 0:
+        proc = process_times(root, argv, args)
+        warm, reference = statistics.median(proc["warm"]), statistics.median(proc["reference"])
+        print(f"process, ours with warm caches: median {warm:.1f} s ({', '.join(f'{t:.1f}' for t in proc['warm'])}); "
+              f"diffusers: median {reference:.1f} s ({', '.join(f'{t:.1f}' for t in proc['reference'])}); "
+              f"cold ours / diffusers: {proc['cold'] / reference:.2f}x the time")
+        result |= {"process_cold_ours_s": proc["cold"], "process_warm_ours_s": warm,
+                   "process_reference_s": reference, "process_warm_speedup": reference / warm}
+    print("RESULT name=generate " + " ".join(f"{k}={v:.4f}" if k.endswith("_s") else f"{k}={v:.2f}"
+                                             for k, v in result.items()))
 
 
 def controlnet_result(argv: list[str], args) -> None:

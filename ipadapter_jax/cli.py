@@ -352,6 +352,7 @@ def _generate(args) -> None:
             imaging.save_image(image, path)
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
     print(f"wrote {', '.join(map(str, paths))} (load {pipe.load_seconds:.1f}s; {timing})")
+    pipe.finish_weights_cache()
 
 
 def _note_cpu_bfloat16(pipe, dtype: str) -> None:
@@ -423,6 +424,7 @@ def _batch(args) -> int:
                 "eta": args.eta, **control}
     report = run_batch(pipe, args.manifest, args.out, batch_size=args.batch_size, defaults=defaults,
                        contact_sheet=args.contact_sheet)
+    pipe.finish_weights_cache()
     redone = f" ({len(report.redone)} regenerated: their settings changed)" if report.redone else ""
     print(f"{len(report.written)} written{redone}, {len(report.skipped)} already done, {len(report.failed)} failed "
           f"in {report.seconds:.1f}s on {pipe.mesh.size} device(s)")

@@ -167,13 +167,19 @@ def clip_image_processor(image_encoder_path: str | None = None, image_size: int 
 
 
 def load_tokenizer(path: str):
-    """``CLIPTokenizer.from_pretrained(path)`` with a clear error; a folder with vocab.json and merges.txt."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer in folder `path` (vocab.json, merges.txt, configs) with a clear error: our `tokenizers`-built
+    copy of transformers' `CLIPTokenizer` (`data/clip_tokenizer.py`: no transformers import), or
+    `CLIPTokenizer.from_pretrained(path)` for folders it does not cover."""
+    from ipadapter_jax.data.clip_tokenizer import ClipTokenizer
 
     if not Path(path).is_dir():
         raise ConfigError(f"CLIP tokenizer folder {path} does not exist; the base model folder is incomplete.")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path)
+        tokenizer = ClipTokenizer.from_folder(path)
+        if tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"Cannot load a CLIP tokenizer from {path} ({e}); "
                           "pass the model's tokenizer folder.") from None

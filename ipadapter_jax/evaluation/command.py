@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
                                              dtype=args.dtype, scheduler="ddim", weights_cache=weights_cache)
     summary = lib.evaluate_coco(pipe, coco_run, args.out, clip=args.clip, clip_batch_size=args.clip_batch_size,
                                 gen_batch_size=args.batch_size, prompts=prompts)
+    pipe.finish_weights_cache()
     print(summary["scores"].table(f"COCO2017 val: {summary['prompts']} prompts x {args.per_prompt} images"))
     print(summary["table"])
     print(f"per-image scores: {Path(args.out) / 'scores.jsonl'}; summary: {Path(args.out) / 'summary.json'}")

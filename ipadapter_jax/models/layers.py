@@ -28,8 +28,8 @@ _SHAPES_ONLY = contextvars.ContextVar("ipadapter_jax_shapes_only", default=False
 
 @contextlib.contextmanager
 def shapes_only():
-    """Within this block initialisers return zeros instead of drawing random numbers: building a model under
-    `nnx.eval_shape` to load a checkpoint then traces no random-number code (a few seconds for a UNet)."""
+    """Within this block initialisers return `ShapeDtypeStruct`s instead of drawing random numbers: a model built
+    to load a checkpoint into computes nothing (see `abstract_model`)."""
     token = _SHAPES_ONLY.set(True)
     try:
         yield
@@ -38,21 +38,29 @@ def shapes_only():
 
 
 def abstract_model(build):
-    """`build()`'s module with `ShapeDtypeStruct` leaves: nothing computed, nothing initialised."""
+    """`build()`'s module with `ShapeDtypeStruct` leaves: nothing computed, nothing initialised.
+
+    Built directly rather than traced under `nnx.eval_shape`: the initialisers give shapes, and the few arrays a
+    constructor makes itself (norm scales, RNG keys) are replaced by their shapes. Tracing the construction took
+    0.4 s for an SD1.5 UNet on a 2-core AMD EPYC, building it directly 0.2 s."""
     with shapes_only():
-        return nnx.eval_shape(build)
+        module = build()
+    state = nnx.state(module, nnx.Variable)
+    nnx.update(module, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x, state))
+    return module
 
 
 def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype):
     # PyTorch's default Linear/Conv init, so adapters trained from scratch start as the official code does.
     if _SHAPES_ONLY.get():
-        return jnp.zeros(shape, dtype)
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
     if _SHAPES_ONLY.get():
-        return jnp.zeros(shape, dtype)
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     return (jax.random.normal(rngs.params(), shape) * std).astype(dtype)
 
 

@@ -16,6 +16,7 @@ number of devices.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -101,6 +102,17 @@ class IPAdapterPipeline:
         self.load_seconds = 0.0
         self.weights_cache: ConvertedWeights | None = None  # from_pretrained's, while it writes in the background
         self.sources: dict = {}  # what was loaded (from_pretrained): batch resume compares it
+
+    def finish_weights_cache(self) -> bool:
+        """Wait for the converted-weights cache entries this pipeline's load is still writing (a command calls it
+        before it exits: the writer threads are daemons, and a process that ends first leaves no entry). Returns
+        whether there was anything to wait for."""
+        if self.weights_cache is None or not self.weights_cache.pending():
+            return False
+        print("ipadapter-jax: finishing the converted-weights cache (once per model: later loads map it)...",
+              file=sys.stderr, flush=True)
+        self.weights_cache.wait()
+        return True
 
     @classmethod
     def from_pretrained(cls, base: str | Path, *, image_encoder: str | Path | None = None,

@@ -102,6 +102,10 @@ class ConvertedWeights:
         self.writers.append(thread)
         thread.start()
 
+    def pending(self) -> bool:
+        """Whether an entry is still being written."""
+        return any(t.is_alive() for t in self.writers)
+
     def wait(self) -> None:
         for thread in self.writers:
             thread.join()

@@ -165,12 +165,12 @@ def load_state(
     files = getattr(state_dict, "files", ())
     converted = cache.read(what, files, items) if cache is not None and files else None
     if converted is not None:  # mapped, already in layout and dtype
-        values = {job[0]: _place(converted[item.name], job[4]) for job, item in zip(jobs, items, strict=True)}
+        values = _place_all({job[0]: (converted[item.name], job[4]) for job, item in zip(jobs, items, strict=True)})
     else:
         # Reading, transposing and converting release the GIL: a few threads load several times faster.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             hosts = dict(zip((j[0] for j in jobs), pool.map(lambda j: _host(*j[1:]), jobs), strict=True))
-        values = {job[0]: _place(hosts[job[0]], job[4]) for job in jobs}
+        values = _place_all({job[0]: (hosts[job[0]], job[4]) for job in jobs})
         if cache is not None and files:
             named = {item.name: hosts[job[0]] for job, item in zip(jobs, items, strict=True)}
             cache.write_later(what, files, items, named)
@@ -187,12 +187,18 @@ def _host(array: np.ndarray, axes: tuple[int, ...] | None, dtype, sharding) -> n
     return flax_layout_copy(array, axes, dtype)
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    """On CPU, XLA adopts 64-byte aligned host memory (a converted copy, or a mapped cache entry that is then read
-    only when used) instead of copying it."""
-    if sharding is not None:
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.device_put(host)
+def _place_all(hosts: dict) -> dict:
+    """{path: (host array, sharding or None)} -> {path: jax.Array}. On CPU, XLA adopts 64-byte aligned host memory
+    (a converted copy, or a mapped cache entry that is then read only when used) instead of copying it. Unsharded
+    arrays go in one batched `device_put` (per-array calls cost about 0.5 ms each, a second for an SD1.5 pipeline)."""
+    out = {}
+    plain = [path for path, (_, sharding) in hosts.items() if sharding is None]
+    for path, array in zip(plain, jax.device_put([hosts[p][0] for p in plain]), strict=True):
+        out[path] = array
+    for path, (host, sharding) in hosts.items():
+        if sharding is not None:
+            out[path] = jax.make_array_from_callback(host.shape, sharding, lambda idx, host=host: host[idx])
+    return out
 
 
 def export_state(module_or_state, *, dtype=None, filter=nnx.Param) -> dict[str, np.ndarray]:

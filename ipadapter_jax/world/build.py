@@ -36,9 +36,12 @@ UNET = {
     "in_channels": LATENT_CHANNELS,
     "out_channels": LATENT_CHANNELS,
     "layers_per_block": 1,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],  # attention at 8 x 8 only: 2x faster on CPU
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    # Attention at 8 x 8 and 4 x 4, none at 16 x 16 (2x faster on CPU). The 4 x 4 level puts every position
+    # next to the zero padding, from which a UNet tells where it is: with two levels the base never learned to
+    # place a shape in the quadrant its caption names (0.27 against 0.25 by chance after 5000 steps).
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "cross_attention_dim": TINY_TEXT["hidden_size"],
     "attention_head_dim": 2,
     "norm_num_groups": 16,
@@ -48,11 +51,13 @@ IMAGE_ENCODER = {
     "model_type": "clip_vision_model",
     "image_size": SIZE,
     "patch_size": SIZE,
-    "hidden_size": 128,
-    "intermediate_size": 256,
+    # Wide enough that the image embedding keeps the attributes linearly readable (least squares on 2500 scenes,
+    # 500 held out: shape colour 0.87, background 1.0, quadrant 0.97; at width 128 the colour read 0.77).
+    "hidden_size": 512,
+    "intermediate_size": 2048,
     "num_hidden_layers": 1,
     "num_attention_heads": 4,
-    "projection_dim": 128,
+    "projection_dim": 512,
     "hidden_act": "gelu",
     "layer_norm_eps": 1e-5,
     "num_channels": 3,

@@ -5,7 +5,11 @@ quadrant, at one of two sizes. Colours are the eight corners of the RGB cube, so
 are drawn on a 16 x 16 grid of 2 x 2-pixel cells (32 x 32 px), so the world's VAE (`world.vae`), which
 works on 2 x 2 blocks, reconstructs them exactly.
 
-The caption names the shape only ("a circle"): colours and position travel only in the image prompt.
+A scene's caption names the shape only ("a circle"): in adapter training, evaluation and the demo, colours and
+position travel only in the image prompt. The world's base UNet alone is trained on descriptions that may name
+the other attributes too (`describe`), as a real base learns "red" and "top left" from its captions: a frozen
+base answers only what its cross-attention queries ask for, and it asks for colours and positions only if its
+captions ever named them.
 """
 
 from __future__ import annotations
@@ -57,6 +61,22 @@ class Scene:
 
 def caption_for(shape: str) -> str:
     return f"a {shape}"
+
+
+NAMEABLE = ("colour", "background", "quadrant")  # what `describe` may add to the caption
+
+
+def describe(scene: Scene, named: frozenset[str] | set[str] = frozenset(NAMEABLE)) -> str:
+    """The scene in words, naming the attributes in `named` beside the shape: "a red circle on blue at top left"."""
+    unknown = set(named) - set(NAMEABLE)
+    if unknown:
+        raise ValueError(f"cannot name {sorted(unknown)}; nameable: {NAMEABLE}")
+    words = ["a", *([scene.colour] if "colour" in named else []), scene.shape]
+    if "background" in named:
+        words += ["on", scene.background]
+    if "quadrant" in named:
+        words += ["at", scene.quadrant]
+    return " ".join(words)
 
 
 def shape_mask(shape: str, radius: int, centre: tuple[int, int]) -> np.ndarray:

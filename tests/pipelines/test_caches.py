@@ -66,3 +66,28 @@ def test_converted_weights_are_mapped_on_the_next_load(tiny, tmp_path):
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first._vae.state),
                                                         jax.tree.leaves(third._vae.state), strict=True)]
     assert sum(changed) == 1
+
+
+def test_a_command_finishes_the_weights_cache_before_it_exits(tiny, tmp_path, monkeypatch, capsys):
+    """The writers are daemon threads: a command that returned before them would leave the cache empty."""
+    import time
+
+    from ipadapter_jax.weights.converted import ConvertedWeights
+
+    root, base, encoder, adapter = tiny
+    monkeypatch.setenv("IPADAPTER_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("IPADAPTER_JAX_WEIGHTS_CACHE", raising=False)
+    import threading
+
+    import ipadapter_jax.images
+
+    saved = threading.Event()  # the writers finish only after the command has written its image
+    save, write = ipadapter_jax.images.save_image, ConvertedWeights._write
+    monkeypatch.setattr(ipadapter_jax.images, "save_image", lambda *a, **k: (save(*a, **k), saved.set()))
+    monkeypatch.setattr(ConvertedWeights, "_write", lambda self, *a: (saved.wait(60), time.sleep(0.2),
+                                                                      write(self, *a)))
+    assert main(["generate", "--base", str(base), "--image-encoder", str(encoder), "--adapter", str(adapter),
+                 "--image", str(root / "ref.png"), "--steps", "1", "--prompt", "a cat", "--no-compile-cache",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    assert len(list((tmp_path / "cache" / "weights").glob("*.json"))) == 4  # committed, not still being written
+    assert "finishing the converted-weights cache" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ipadapter_jax.world.reader import CHANCE_CLIP_I, caption_attributes, read_attributes, toy_clip_i, toy_clip_t
-from ipadapter_jax.world.scenes import SIZE, random_scene, render, render_cells, write_world_dataset
+from ipadapter_jax.world.scenes import SIZE, Scene, describe, random_scene, render, render_cells, write_world_dataset
 
 
 def _scenes(n, seed):
@@ -70,3 +70,16 @@ def test_dataset_files(tmp_path):
     for i, scene in enumerate(data.scenes):
         assert read_attributes(Image.open(data.image(i))) == scene.attributes()
         assert (data.root / f"{i:05d}.txt").read_text().strip() == scene.caption
+
+
+def test_descriptions_name_what_they_are_asked_to():
+    scene = Scene(shape="circle", colour="red", background="blue", quadrant="top left", radius=2, centre=(4, 4))
+    assert describe(scene) == "a red circle on blue at top left"
+    assert describe(scene, set()) == scene.caption == "a circle"
+    assert describe(scene, {"quadrant"}) == "a circle at top left"
+    assert describe(scene, {"colour", "background"}) == "a red circle on blue"
+    with pytest.raises(ValueError, match="cannot name"):
+        describe(scene, {"shape"})
+    from ipadapter_jax.world.base_training import SUBSETS
+
+    assert len(set(SUBSETS)) == 8 and frozenset() in SUBSETS  # every subset, the shape alone included
