@@ -4,9 +4,10 @@ Generations are captioned with the shape alone ("a circle"), so colours and posi
 through the image prompt (the base learned them from captions that sometimes named them). The demo writes the
 world's models in the real formats (diffusers folder, transformers image encoder, the shipped adapter in the
 official `.safetensors` layout), converts the adapter to Flax and back (checking the round trip is bit-exact),
-generates held-out scenes with the image prompt and text only, sweeps the IP scale, and reads every picture back exactly to give the toy CLIP-I / CLIP-T. Then it trains
-a new adapter with the real training loop (`train/world_adapter.yaml`), whose evaluation during training
-(`eval.*`) measures it before the first step and after the last, and exports it.
+generates held-out scenes with the image prompt and text only, sweeps the IP scale, and reads every picture back
+exactly to give the toy CLIP-I / CLIP-T. Then it trains a new adapter with the real training loop
+(`train/world_adapter.yaml`), whose evaluation during training (`eval.*`) measures it before the first step and
+after the last, and exports it.
 
 Writes `grid.png` (annotated rows) and `summary.json` (metrics, timings, the round trip, the training run).
 """
