@@ -102,6 +102,9 @@ def test_generate_passes_the_controlnet_and_lora_flags_to_the_pipeline(tiny, tmp
             calls.append(kwargs)
             return GenerationOutput(images=[], latents=np.zeros((1, 4, 16, 16), np.float32), timings={})
 
+        def finish_weights_cache(self):
+            return False
+
     def from_pretrained(base, **kwargs):
         loaded.update(kwargs)
         return Recorder()
