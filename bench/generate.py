@@ -229,7 +229,7 @@ def process_times(root: Path, argv: list[str], args) -> dict[str, float | list[f
             "--num-images", str(args.batch), "--dtype", args.dtype, "--seed", "0", "--overwrite"]
     reference = [sys.executable, str(Path(__file__)), *argv, "--side", "reference-process"]
 
-    def run(cmd, out: Path, **kw) -> float:
+    def run(name: str, cmd, out: Path, **kw) -> float:
         out.unlink(missing_ok=True)
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -237,17 +237,17 @@ def process_times(root: Path, argv: list[str], args) -> dict[str, float | list[f
         written = out.exists() or any(out.parent.glob(out.stem + "-*" + out.suffix))
         if proc.returncode != 0 or not written:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-            raise SystemExit(f"{cmd[3] if cmd[1] == '-c' else 'reference'} process failed ({proc.returncode})")
+            raise SystemExit(f"{name} process failed ({proc.returncode})")
         return seconds
 
     try:
         ours_out, ref_out = root / "process-ours.png", root / "process-reference.png"
-        cold = run([*ours, "--out", str(ours_out)], ours_out, env=env)
+        cold = run("ours", [*ours, "--out", str(ours_out)], ours_out, env=env)
         print(f"process, ours with empty caches (compiles, converts and writes both caches): {cold:.1f} s")
         warm, ref = [], []
         for _ in range(args.processes):
-            ref.append(run([*reference, "--process-out", str(ref_out)], ref_out))
-            warm.append(run([*ours, "--out", str(ours_out)], ours_out, env=env))
+            ref.append(run("reference", [*reference, "--process-out", str(ref_out)], ref_out))
+            warm.append(run("ours", [*ours, "--out", str(ours_out)], ours_out, env=env))
         return {"cold": cold, "warm": warm, "reference": ref}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
