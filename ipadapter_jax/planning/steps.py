@@ -121,12 +121,10 @@ def train_program(config: TrainConfig, base: BaseArchitecture, encoder, mesh: Me
         shapes.update(pooled=((base.pooled_dim,), f32), time_ids=((6,), f32))
     batch = {k: jax.ShapeDtypeStruct((gbs, *shape), dt, sharding=batch_sharding) for k, (shape, dt) in shapes.items()}
 
-    loss_settings = loss_lib.LossSettings(
-        prediction_type=config.loss.prediction_type or base.prediction_type,
-        num_train_timesteps=int(alphas.shape[0]),
-        vae_scaling=(("scaling_factor", base.vae_scaling_factor), ("shift_factor", None),
-                     ("latents_mean", None), ("latents_std", None)),
-        noise_offset=config.loss.noise_offset, min_snr_gamma=config.loss.min_snr_gamma)
+    loss_settings = loss_lib.loss_settings(
+        config.loss, base.prediction_type, int(alphas.shape[0]),
+        (("scaling_factor", base.vae_scaling_factor), ("shift_factor", None), ("latents_mean", None),
+         ("latents_std", None)))
     settings = step_lib.StepSettings(spec=spec, loss=loss_settings, cached=True, remat=m.remat,
                                      grad_accum_steps=accum)
     step_fn = step_lib.make_train_step(assembled.merge, tx, schedule, settings, batch_sharding)

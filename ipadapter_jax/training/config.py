@@ -88,10 +88,17 @@ class LossConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler config's
     noise_offset: float = 0.0  # tutorial_train_sdxl.py --noise_offset
     min_snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023), e.g. 5.0
+    # Timesteps drawn uniformly from [min_timestep, max_timestep) (kohya's sd-scripts options); null: the schedule's
+    # count. Raising min_timestep trains where the image prompt decides layout and colour rather than detail.
+    min_timestep: int = 0
+    max_timestep: int | None = None
 
     def __post_init__(self):
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"loss.min_snr_gamma must be positive or null, got {self.min_snr_gamma}.")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise ConfigError(f"loss.min_timestep ({self.min_timestep}) and loss.max_timestep ({self.max_timestep}) "
+                              "must satisfy 0 <= min_timestep < max_timestep.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,10 +135,8 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # ---------------------------------------------------------------- step
-    loss_settings = loss_lib.LossSettings(
-        prediction_type=config.loss.prediction_type or info.prediction_type,
-        num_train_timesteps=info.num_train_timesteps, vae_scaling=tuple(info.vae_scaling.items()),
-        noise_offset=config.loss.noise_offset, min_snr_gamma=config.loss.min_snr_gamma)
+    loss_settings = loss_lib.loss_settings(config.loss, info.prediction_type, info.num_train_timesteps,
+                                           info.vae_scaling.items())
     settings = step_lib.StepSettings(spec=spec, loss=loss_settings, cached=cached, remat=config.model.remat,
                                      grad_accum_steps=config.optimizer.grad_accum_steps)
     step_fn = step_lib.make_train_step(assembled.merge, tx, schedule, settings, batch_sharding)

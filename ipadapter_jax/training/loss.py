@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.generation.conditioning import unit_ip
 from ipadapter_jax.generation.image_features import image_features
 from ipadapter_jax.generation.prompts import encode as encode_text
@@ -47,6 +48,20 @@ class LossSettings:
     vae_scaling: tuple[tuple[str, Any], ...]  # scale_latents keyword arguments, as items (hashable)
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    timesteps: tuple[int, int] | None = None  # draw t from [lo, hi); None: [0, num_train_timesteps)
+
+
+def loss_settings(config, prediction_type: str, num_train_timesteps: int, vae_scaling) -> LossSettings:
+    """The step's `LossSettings` from a training config's `loss` section (`training.config.LossConfig`)."""
+    lo = config.min_timestep
+    hi = num_train_timesteps if config.max_timestep is None else config.max_timestep
+    if hi > num_train_timesteps or lo >= hi:
+        raise ConfigError(f"loss.min_timestep/max_timestep ({lo}, {config.max_timestep}) must lie within the "
+                          f"scheduler's {num_train_timesteps} training timesteps.")
+    timesteps = None if (lo, hi) == (0, num_train_timesteps) else (lo, hi)
+    return LossSettings(prediction_type=config.prediction_type or prediction_type,
+                        num_train_timesteps=num_train_timesteps, vae_scaling=tuple(vae_scaling),
+                        noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma, timesteps=timesteps)
 
 
 def encode(model, spec: AdapterSpec, batch: dict[str, jax.Array]) -> Encoded:
@@ -97,7 +112,8 @@ def draws(step_key: jax.Array, record_index: jax.Array, latent_shape: tuple[int,
         if settings.noise_offset:
             offset = jax.random.normal(k_offset, (1, 1, latent_shape[-1]), jnp.float32)
             noise = noise + jnp.float32(settings.noise_offset) * offset
-        t = jax.random.randint(k_t, (), 0, settings.num_train_timesteps, jnp.int32)
+        lo, hi = settings.timesteps or (0, settings.num_train_timesteps)
+        t = jax.random.randint(k_t, (), lo, hi, jnp.int32)
         return jax.random.normal(k_latent, latent_shape, jnp.float32), noise, t
 
     return Draws(*jax.vmap(one)(record_index))

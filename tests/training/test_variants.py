@@ -55,3 +55,25 @@ def test_draws_are_per_record_and_noise_offset_is_per_channel():
     shift = np.asarray(c.noise - a.noise)
     assert np.abs(shift).max() > 0
     np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1], shift.shape), atol=1e-6)
+
+
+def test_timestep_range_bounds_the_draws_and_rejects_bad_ranges():
+    from ipadapter_jax.errors import ConfigError
+    from ipadapter_jax.training.config import LossConfig
+
+    scaling = (("scaling_factor", 1.0),)
+    assert loss_lib.loss_settings(LossConfig(), "epsilon", 1000, scaling).timesteps is None
+    assert loss_lib.loss_settings(LossConfig(max_timestep=1000), "epsilon", 1000, scaling).timesteps is None
+    settings = loss_lib.loss_settings(LossConfig(min_timestep=600, max_timestep=900), "epsilon", 1000, scaling)
+    assert settings.timesteps == (600, 900)
+    t = np.asarray(loss_lib.draws(jax.random.key(1), jnp.arange(4096), (2, 2, 1), settings).timesteps)
+    assert t.min() == 600 and t.max() == 899  # uniform over [600, 900): 4096 draws reach both ends
+    full = np.asarray(loss_lib.draws(jax.random.key(1), jnp.arange(4096), (2, 2, 1),
+                                     loss_lib.loss_settings(LossConfig(), "epsilon", 1000, scaling)).timesteps)
+    assert full.min() < 100 and full.max() > 900
+    with pytest.raises(ConfigError, match="min_timestep"):
+        LossConfig(min_timestep=500, max_timestep=400)
+    with pytest.raises(ConfigError, match="1000 training timesteps"):
+        loss_lib.loss_settings(LossConfig(max_timestep=1200), "epsilon", 1000, scaling)
+    with pytest.raises(ConfigError, match="1000 training timesteps"):
+        loss_lib.loss_settings(LossConfig(min_timestep=1000), "epsilon", 1000, scaling)
