@@ -4,7 +4,8 @@ IP-Adapter (official layout), both float16, plus `assets/world.json` with the to
     python -m ipadapter_jax.world_assets   # in a source checkout: reads train/world/base_unet.yaml, world_adapter.yaml
 
 Trains the base with `train/world/base_unet.yaml` on 2000 random scenes (seed 0; a second stage if
-`continue_steps`), then the adapter with `train/world_adapter.yaml` through `ipadapter_jax.training.train`, then evaluates both on 64 held-out scenes.
+`continue_steps`), then the adapter with `train/world_adapter.yaml` through `ipadapter_jax.training.train`, then
+evaluates both on 64 held-out scenes.
 """
 
 from __future__ import annotations
