@@ -126,9 +126,13 @@ def write_world_image_encoder(folder: str | Path) -> Path:
     from ipadapter_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
     folder = write_random_image_encoder(folder, IMAGE_ENCODER, ENCODER_SEED)
+    # preprocessor_config.json marks a finished folder (world.inputs): set aside until the weights are whitened.
+    marker = folder / "preprocessor_config.json"
+    processor, marker_text = image_processor_for(folder), marker.read_text()
+    marker.unlink()
     rng = np.random.default_rng(WHITEN_SEED)
     scenes = [random_scene(rng) for _ in range(WHITEN_SCENES)]
-    pixels = pixel_values(image_processor_for(folder), [render(s) for s in scenes])
+    pixels = pixel_values(processor, [render(s) for s in scenes])
     encoder = load_image_encoder(folder)
     pooled = np.asarray(jax.jit(lambda m, x: m(x).pooler_output)(encoder, jnp.asarray(pixels)), np.float64)
     mean = pooled.mean(0)
@@ -143,4 +147,5 @@ def write_world_image_encoder(folder: str | Path) -> Path:
     tensors[bias] = (tensors[bias] - mean).astype(np.float32)
     tensors["visual_projection.weight"] = zca.astype(np.float32)
     save_safetensors(tensors, path)
+    marker.write_text(marker_text)
     return folder

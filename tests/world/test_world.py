@@ -83,3 +83,34 @@ def test_descriptions_name_what_they_are_asked_to():
     from ipadapter_jax.world.base_training import SUBSETS
 
     assert len(set(SUBSETS)) == 8 and frozenset() in SUBSETS  # every subset, the shape alone included
+
+
+def test_image_encoder_embedding_is_whitened(tmp_path):
+    """The world encoder's image_embeds over new scenes: centred, and the background no longer dominates (a random
+    encoder put 75% of the variance there and 2.4% in the shape's colour; see write_world_image_encoder)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ipadapter_jax.generation.image_features import image_processor_for, pixel_values
+    from ipadapter_jax.weights.diffusers_models import load_image_encoder
+    from ipadapter_jax.world.build import write_world_image_encoder
+    from ipadapter_jax.world.scenes import COLOURS, random_scene, render
+
+    folder = write_world_image_encoder(tmp_path / "enc")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    rng = np.random.default_rng(99)
+    scenes = [random_scene(rng) for _ in range(600)]
+    pixels = pixel_values(image_processor_for(folder), [render(s) for s in scenes])
+    embeds = np.asarray(jax.jit(lambda m, x: m(x).image_embeds)(load_image_encoder(folder), jnp.asarray(pixels)),
+                        np.float64)
+    spread = np.sqrt(np.mean(np.var(embeds, axis=0)))
+    assert np.linalg.norm(embeds.mean(0)) / np.sqrt(embeds.shape[1]) < 0.2 * spread  # centred
+    centred = embeds - embeds.mean(0)
+
+    def share(labels):  # variance explained by a one-hot least-squares fit
+        onehot = np.asarray([[label == c for c in COLOURS] for label in labels], np.float64)
+        fit = onehot @ np.linalg.lstsq(onehot, centred, rcond=None)[0]
+        return np.sum((fit - fit.mean(0)) ** 2) / np.sum(centred ** 2)
+
+    background, colour = share([s.background for s in scenes]), share([s.colour for s in scenes])
+    assert background < 0.15 and colour > 0.01, (background, colour)
