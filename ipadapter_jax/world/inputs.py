@@ -14,7 +14,9 @@ from ipadapter_jax.world.build import SHIPPED_UNET, write_world_base, write_worl
 from ipadapter_jax.world.scenes import held_out_scenes, render, write_world_dataset
 
 WORLD = "world"
-TRAIN_IMAGES, TRAIN_SEED = 1024, 1
+# With 1024 scenes the adapter learned them rather than the world: toy CLIP-I 0.90 on its training scenes, 0.78 on
+# held-out ones; with 8192, 0.93 held out.
+TRAIN_IMAGES, TRAIN_SEED = 8192, 1
 EVAL_IMAGES = 32
 
 

@@ -1,5 +1,5 @@
 """Learning is visible: an adapter trained briefly with the real loop (train/world_adapter.yaml) on the shipped
-world base makes generations show the image prompt's background (toy CLIP-I well above chance), as measured
+world base makes generations show the image prompt's colours (toy CLIP-I well above chance), as measured
 by the run's own evaluation during training, while the same scenes generated from their captions alone stay at
 chance."""
 
@@ -19,13 +19,15 @@ from ipadapter_jax.world.build import SHIPPED_ADAPTER, write_world_base, write_w
 from ipadapter_jax.world.scenes import held_out_scenes
 
 RECIPE = Path(__file__).resolve().parents[2] / "train" / "world_adapter.yaml"
-STEPS = 400  # of the recipe's 8000 (these 16 scenes: toy CLIP-I 0.15 at step 0, 0.46 at 400)
+STEPS = 400  # of the recipe's 8000 (these 16 scenes: toy CLIP-I 0.15 at step 0, 0.44 at 400)
 SCENES = 16  # held-out scenes evaluated at step 0 and STEPS
 MIN_CLIP_I = 0.33  # with the image prompt after STEPS; chance level is 0.167
 MIN_GAIN = 0.1  # over step 0 (the initial adapter already passes a little of the image on)
-MIN_BACKGROUND = 0.5  # the background colour follows the image prompt (chance 0.125)
+# The background and the shape's colour both follow the image prompt (chance 0.125; 0.5 and 0.5 at 400 steps on
+# the 8192 training scenes; with 1024 the background alone came first and the shape's colour much later).
+MIN_COLOURS = 0.375
 MAX_TEXT_ONLY_CLIP_I = 0.25
-SHIPPED_MIN_CLIP_I = 0.7  # world.json: 0.776 (the target is 0.8); chance 0.167
+SHIPPED_MIN_CLIP_I = 0.8  # the issue's target; world.json: 0.927; chance 0.167
 SHIPPED_SLACK = 0.05  # about 3 of the 192 attributes read
 
 
@@ -42,7 +44,7 @@ def test_adapter_learns_on_the_world(tmp_path):
     assert result.step == STEPS and sorted(evals) == [0, STEPS]
     start, end = evals[0], evals[STEPS]
     assert end["clip_i"] >= MIN_CLIP_I and end["clip_i"] >= start["clip_i"] + MIN_GAIN, evals
-    assert end["background"] >= MIN_BACKGROUND, end
+    assert end["background"] >= MIN_COLOURS and end["colour"] >= MIN_COLOURS, end
     rows = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, STEPS] and rows[1]["clip_i"] == end["clip_i"]
 
