@@ -64,6 +64,14 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
     return (jax.random.normal(rngs.params(), shape) * std).astype(dtype)
 
 
+def _filled(value: float, shape, dtype):
+    """A constant initial weight (norm scales and biases): its shape alone while `shapes_only`, so that building a
+    model to load into dispatches no computation (550 small eager fills took 0.15 s in an SD1.5 load)."""
+    if _SHAPES_ONLY.get():
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    return jnp.full(shape, value, dtype)
+
+
 def _accumulate(x: jax.Array) -> jnp.dtype | None:
     return jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
 
@@ -113,8 +121,8 @@ class GroupNorm(nnx.Module):
 
     def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs=None):
         del rngs
-        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+        self.scale = nnx.Param(_filled(1.0, (num_channels,), dtype))
+        self.bias = nnx.Param(_filled(0.0, (num_channels,), dtype))
         self.num_groups = num_groups
         self.eps = eps
 
@@ -133,8 +141,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5, use_affine: bool = True, dtype=jnp.float32, rngs=None,
                  param_type: type[nnx.Param] = nnx.Param):
         del rngs
-        self.scale = param_type(jnp.ones((dim,), dtype)) if use_affine else None
-        self.bias = param_type(jnp.zeros((dim,), dtype)) if use_affine else None
+        self.scale = param_type(_filled(1.0, (dim,), dtype)) if use_affine else None
+        self.bias = param_type(_filled(0.0, (dim,), dtype)) if use_affine else None
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -35,9 +35,12 @@ def set_target(root: nnx.Module, platform: str | None) -> None:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d
 
+    cpu = platform == "cpu"
+    # Assign only what changes: a module attribute assignment runs flax's checks, and a model built for the mesh's
+    # platform (as loads do) then costs one walk over its modules.
     for _, module in nnx.iter_modules(root):
-        if isinstance(module, Conv2d):
-            module.cpu_gemm_gradient = platform == "cpu"
+        if isinstance(module, Conv2d) and module.cpu_gemm_gradient != cpu:
+            module.cpu_gemm_gradient = cpu
         policy = getattr(module, "attention_impl", None)
-        if isinstance(policy, AttentionPolicy):
+        if isinstance(policy, AttentionPolicy) and policy.platform != platform:
             module.attention_impl = policy.for_platform(platform)

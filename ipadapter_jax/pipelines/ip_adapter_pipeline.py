@@ -52,6 +52,7 @@ from ipadapter_jax.weights.diffusers_models import load_image_encoder
 from ipadapter_jax.weights.hub import resolve_path
 from ipadapter_jax.weights.ip_adapter_files import load_ip_adapter
 from ipadapter_jax.weights.lora import fuse_loras
+from ipadapter_jax.weights.pretrained import gc_paused
 
 
 @dataclasses.dataclass
@@ -115,6 +116,7 @@ class IPAdapterPipeline:
         return True
 
     @classmethod
+    @gc_paused
     def from_pretrained(cls, base: str | Path, *, image_encoder: str | Path | None = None,
                         adapters: Sequence[str | Path] = (), dtype="float32", scheduler: str | None = None,
                         variant: str | None = None, attention_impl: Implementation = "auto",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,24 @@ def as_dtype(dtype: Any):
             raise ConfigError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16.")
         return DTYPES[dtype]
     return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+def gc_paused(load: Callable) -> Callable:
+    """`load` with Python's cyclic garbage collector paused: building and filling models allocates ~10^5 small
+    objects, none of them garbage, and every allocation threshold set off a collection over all of them (about
+    0.1 s of an SD1.5 pipeline load on a 2-core AMD EPYC). Collection resumes, if it was on, when `load` returns."""
+
+    @functools.wraps(load)
+    def paused(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
 
 
 def read_config(folder: str | Path, name: str = "config.json") -> dict:

@@ -124,8 +124,8 @@ def load_state(
     """
     graphdef, abstract, extra = nnx.split(abstract_module, nnx.Not(exclude), ...)
     flat = flat_variables(abstract)
-    for var in flat_variables(extra).values():
-        var.set_value(jnp.zeros(var.shape, dtype))
+    for var in flat_variables(extra).values():  # from host zeros: an eager jnp.zeros compiles once per shape
+        var.set_value(jax.device_put(np.zeros(var.shape, jnp.dtype(dtype))))
     wanted = {torch_key(path): path for path in flat}
     present: dict[str, str] = {}
     for key in state_dict:

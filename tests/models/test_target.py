@@ -70,3 +70,17 @@ def test_platform_of_a_mesh_is_its_devices_platform():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
     assert platform_of(mesh) == "cpu"
     assert platform_of(jax.devices()[:1]) == "cpu"
+
+
+def test_building_a_model_to_load_into_computes_nothing():
+    """Under `shapes_only` every initial weight is a shape, norm scales included: an SD1.5 load built 550 norm
+    fills eagerly, each a dispatch and a compile per new shape."""
+    from ipadapter_jax.models.layers import GroupNorm, LayerNorm, shapes_only
+
+    with shapes_only():
+        norms = [GroupNorm(8, 32), LayerNorm(32)]
+        unet = UNet2DConditionModel(TINY, platform="cpu", rngs=nnx.Rngs(0))
+    leaves = [x for n in norms for x in jax.tree.leaves(nnx.state(n))]
+    assert len(leaves) == 4 and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    params = jax.tree.leaves(nnx.state(unet, nnx.Param))
+    assert params and all(isinstance(x, jax.ShapeDtypeStruct) for x in params)
