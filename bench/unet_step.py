@@ -56,10 +56,13 @@ def side_ours(work: Path, args) -> None:
     from flax import nnx
 
     from ipadapter_jax.models.ip_conditioning import IPConditioning
+    from ipadapter_jax.models.target import platform_of
     from ipadapter_jax.models.unet import cross_attentions
     from ipadapter_jax.weights.diffusers_models import load_unet
 
-    unet = load_unet(work / "unet", dtype=args.dtype, num_ip_adapters=1, attention_impl=args.attention)
+    # Built for the devices it runs on, as the pipeline builds it (models/target.py): the CPU paths on a CPU.
+    unet = load_unet(work / "unet", dtype=args.dtype, num_ip_adapters=1, attention_impl=args.attention,
+                     platform=platform_of(jax.devices()))
     ip_weights = np.load(work / "ip.npz")
     paths = [layer.path for layer in unet.config.cross_attention_layers()]
     for path, attn in zip(paths, cross_attentions(unet), strict=True):

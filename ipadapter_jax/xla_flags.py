@@ -25,3 +25,14 @@ def configure_xla_for_cpu() -> None:
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_FLAGS if f.split("=")[0] not in current]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def cpu_has_bfloat16() -> bool | None:
+    """Whether this host's CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16; None: cannot tell). With them,
+    XLA:CPU's bfloat16 matrix products run about twice as fast as float32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None

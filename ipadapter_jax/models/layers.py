@@ -102,7 +102,7 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, dtype)) if use_bias else None
         self.stride = stride
         self.padding = padding
-        self.cpu_gemm_gradient = False  # static; True only in models compiled for CPU (models/target.py)
+        self.for_cpu = False  # static; True only in models compiled for CPU (models/target.py, models/conv.py)
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x_BHWC.dtype)
@@ -111,7 +111,7 @@ class Conv2d(nnx.Module):
                                     preferred_element_type=_accumulate(x_BHWC))
         else:
             y = conv2d(x_BHWC, kernel, stride=self.stride, padding=self.padding,
-                       accumulate=_accumulate(x_BHWC), cpu_gemm_gradient=self.cpu_gemm_gradient)
+                       accumulate=_accumulate(x_BHWC), for_cpu=self.for_cpu)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(x_BHWC.dtype)

@@ -3,7 +3,7 @@
 The target is the platform of the devices the program runs on (`platform_of(mesh)`), which is not the host's
 `jax.default_backend()`: a CPU host traces and compiles programs for TPU slices. `set_target` fixes, on every
 module of a built model, the choices that depend on it: each attention module's `AttentionPolicy` and each
-convolution's CPU-only GEMM input gradient. They are static attributes, part of the graph, as a remat policy is.
+convolution's CPU-only paths (`Conv2d.for_cpu`). They are static attributes, part of the graph, as a remat policy is.
 A model built with no target (`None`) takes the portable XLA paths everywhere.
 """
 
@@ -39,8 +39,8 @@ def set_target(root: nnx.Module, platform: str | None) -> None:
     # Assign only what changes: a module attribute assignment runs flax's checks, and a model built for the mesh's
     # platform (as loads do) then costs one walk over its modules.
     for _, module in nnx.iter_modules(root):
-        if isinstance(module, Conv2d) and module.cpu_gemm_gradient != cpu:
-            module.cpu_gemm_gradient = cpu
+        if isinstance(module, Conv2d) and module.for_cpu != cpu:
+            module.for_cpu = cpu
         policy = getattr(module, "attention_impl", None)
         if isinstance(policy, AttentionPolicy) and policy.platform != platform:
             module.attention_impl = policy.for_platform(platform)

@@ -1,4 +1,5 @@
-"""The GEMM input gradient of `conv2d` (used on CPU where kernels dwarf activations) equals XLA's own."""
+"""The CPU paths of `conv2d` equal XLA's convolution: the GEMM input gradient (where kernels dwarf activations)
+and the bfloat16 tap products (wide bfloat16 inputs), forward and gradients."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def test_gemm_input_gradient_matches_xla(shape, kernel, padding):
     assert conv._gemm_gradient_pays(x, w, 1, padding)  # the custom path is the one under test
 
     def ours(x, w):
-        return jnp.sum(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True) * g)
+        return jnp.sum(conv.conv2d(x, w, padding=padding, for_cpu=True) * g)
 
     def xla(x, w):
         return jnp.sum(conv._conv(x, w, 1, padding, None) * g)
 
-    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding, cpu_gemm_gradient=True),
+    np.testing.assert_allclose(conv.conv2d(x, w, padding=padding, for_cpu=True),
                                conv._conv(x, w, 1, padding, None), rtol=0, atol=0)
     (dx, dw), (ref_dx, ref_dw) = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(xla, (0, 1)))(x, w)
     assert _rel(dx, ref_dx) < 1e-6
@@ -43,7 +44,7 @@ def test_bfloat16_gradient_keeps_dtypes_and_values():
     def loss(fn):
         return lambda x: jnp.sum(fn(x).astype(jnp.float32) ** 2)
 
-    dx = jax.grad(loss(lambda x: conv.conv2d(x, w, padding=1, accumulate=jnp.float32, cpu_gemm_gradient=True)))(x)
+    dx = jax.grad(loss(lambda x: conv.conv2d(x, w, padding=1, accumulate=jnp.float32, for_cpu=True)))(x)
     ref = jax.grad(loss(lambda x: conv._conv(x, w, 1, 1, jnp.float32)))(x)
     assert dx.dtype == jnp.bfloat16
     assert _rel(dx.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2  # bf16 rounding of the cotangent
@@ -54,3 +55,36 @@ def test_large_activations_keep_xla_gradient():
     w = jnp.zeros((3, 3, 32, 32))
     assert not conv._gemm_gradient_pays(x, w, 1, 1)
     assert not conv._gemm_gradient_pays(jnp.zeros((1, 2, 2, 64)), jnp.zeros((3, 3, 64, 64)), 2, 1)  # strided
+
+
+def test_bfloat16_tap_products_match_xla_forward_and_gradients():
+    """Both sum the same bfloat16 products in float32, so they differ by float32 summation order alone; the
+    input channels (640) are the fewest that take this path."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 4, 5, 640)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 640, 16)) * 0.05, jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 4, 5, 16)), jnp.float32)
+    assert conv._tap_dots_pay(x, w, 1, 1)
+    assert not conv._tap_dots_pay(x.astype(jnp.float32), w.astype(jnp.float32), 1, 1)  # float32: Eigen is faster
+    assert not conv._tap_dots_pay(x[..., :320], w[:, :, :320], 1, 1)  # narrow inputs: Eigen is faster
+    assert not conv._tap_dots_pay(x, w, 2, 1)  # strided
+
+    def ours(x, w):
+        return conv.conv2d(x, w, padding=1, accumulate=jnp.float32, for_cpu=True)
+
+    def xla(x, w):
+        return conv._conv(x, w, 1, 1, jnp.float32)
+
+    assert "cpu_tap_dots_conv" in jax.jit(ours).lower(x, w).as_text(debug_info=True)
+    out, ref = jax.jit(ours)(x, w), jax.jit(xla)(x, w)
+    assert out.dtype == jnp.float32 and _rel(out, ref) < 1e-6
+    assert conv.conv2d(x, w, padding=1, for_cpu=True).dtype == jnp.bfloat16  # no accumulate: the input's dtype
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * g)
+
+    (dx, dw), (ref_dx, ref_dw) = jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), jax.jit(jax.grad(loss(xla), (0, 1)))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    # Gradients come back in bfloat16: each side rounds its float32 sums once, so they may differ by a rounding.
+    assert _rel(dx.astype(jnp.float32), ref_dx.astype(jnp.float32)) < 2 ** -8
+    assert _rel(dw.astype(jnp.float32), ref_dw.astype(jnp.float32)) < 2 ** -8

@@ -57,10 +57,10 @@ def test_set_target_makes_static_choices_on_every_module():
     unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform="cpu", rngs=nnx.Rngs(0)))
     convs = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Conv2d)]
     attentions = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Attention)]
-    assert convs and all(c.cpu_gemm_gradient for c in convs)
+    assert convs and all(c.for_cpu for c in convs)
     assert attentions and all(a.attention_impl.platform == "cpu" for a in attentions)
     set_target(unet, "tpu")
-    assert not any(c.cpu_gemm_gradient for c in convs)
+    assert not any(c.for_cpu for c in convs)
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
     with pytest.raises(ConfigError, match="quantum"):
         set_target(unet, "quantum")
