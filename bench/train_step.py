@@ -67,6 +67,7 @@ def _reset_peak() -> None:
 
 def _our_models(cached: bool):
     """The TrainModel (random weights, fixed seeds) and the pieces the library's step needs."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -75,6 +76,7 @@ def _our_models(cached: bool):
     from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
     from ipadapter_jax.models.image_proj import build_image_proj
     from ipadapter_jax.models.layers import IPAdapterParam
+    from ipadapter_jax.models.target import platform_of, set_target
     from ipadapter_jax.models.unet import UNet2DConditionModel, init_ip_from_text
     from ipadapter_jax.models.unet_config import UNetConfig
     from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -91,6 +93,7 @@ def _our_models(cached: bool):
                       image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(VIT_H),
                                                                   rngs=nnx.Rngs(SEED + 3)))
     model = TrainModel(unet, build_image_proj(spec, dtype=jnp.float32, rngs=nnx.Rngs(SEED + 4)), **kwargs)
+    set_target(model, platform_of(jax.devices()))  # the devices' kernels and layouts, as `train` sets them
     graphdef, trainable, frozen = nnx.split(model, IPAdapterParam, ...)
     tp, fp = flat_paths(trainable), flat_paths(frozen)
 
