@@ -467,9 +467,10 @@ def _prepare(args) -> None:
 
 
 def _train(args) -> None:
+    from ipadapter_jax.planning.search import choose
     from ipadapter_jax.training import load_train_config, train
 
-    result = train(load_train_config(args.config, args.overrides))
+    result = train(load_train_config(args.config, args.overrides), choose_auto=choose)
     print(result.summary() if hasattr(result, "summary") else result)
 
 

@@ -201,6 +201,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"Config key {where!r} must be one of {', '.join(map(repr, args))}; got {value!r}.")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and hasattr(tp, "from_text"):  # a section written as one word (`mesh: auto`)
+            return tp.from_text(value, where)
         return from_dict(tp, value, where)
     if origin in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -49,6 +49,17 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+    # `mesh: auto` in a recipe: training chooses (data, fsdp), the remat policy and the microbatch for the
+    # devices it runs on, as `ipadapter-jax plan` does (planning/search.py); data and fsdp are then ignored.
+    auto: bool = False
+
+    @classmethod
+    def from_text(cls, text: str, where: str) -> MeshConfig:
+        """The section written as one word: `mesh: auto`."""
+        if text.strip().lower() != "auto":
+            raise ConfigError(f"Config key {where!r} is a section (data, fsdp, rules) or the word auto, "
+                              f"not {text!r}.")
+        return cls(auto=True)
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp)
@@ -85,6 +96,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 
     ``fsdp`` is the inner axis, so its all-gathers stay within a host (ICI/NVLink) where possible.
     """
+    if config.auto:
+        raise ConfigError("mesh: auto is chosen by `train` and `ipadapter-jax plan` (planning/search.py); resolve it "
+                          "with planning.search.choose before building a mesh, or give mesh.data and mesh.fsdp.")
     devices = list(jax.devices() if devices is None else devices)
     shape = axis_sizes(config, len(devices))
     if len(devices) == len(jax.devices()) and devices == list(jax.devices()):

@@ -8,12 +8,9 @@ import importlib.util
 import os
 import time
 
-import numpy as np
-from jax.sharding import Mesh
-
-from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.planning import bases, report, steps
+from ipadapter_jax.planning import search as search_lib
 from ipadapter_jax.planning.topology import INSTALL_HINT, Topology, parse_topology
 from ipadapter_jax.training.config import TrainConfig, load_train_config
 
@@ -24,20 +21,13 @@ def require_libtpu() -> None:
                         f"{INSTALL_HINT}.")
 
 
-def _mesh(devices: list, data: int, fsdp: int) -> Mesh:
-    from jax.experimental import mesh_utils
-
-    shape = sharding_lib.axis_sizes(sharding_lib.MeshConfig(data=data, fsdp=fsdp), len(devices))
-    try:  # ICI-aware placement of the axes on the slice's torus
-        grid = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, sharding_lib.AXES)
-
-
 TRAIN_ADVICE = ("lower global_batch_size, set model.remat=full (or dots_no_batch), optimizer.grad_accum_steps=N, "
                 "or mesh.fsdp=N to split the weights")
 GENERATE_ADVICE = "lower --batch-per-chip or split the weights with --fsdp N"
+
+
+class DoesNotFit(UserError):
+    """The compiler refused a program over the chip's HBM."""
 
 
 def _compile(program: steps.Program, topology: Topology, advice: str):
@@ -50,18 +40,42 @@ def _compile(program: steps.Program, topology: Topology, advice: str):
         if "RESOURCE_EXHAUSTED" not in message or "HBM" not in message:
             raise
         reason = message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
-        raise UserError(f"{program.name} does not fit on {topology.accelerator_type} ({topology.name}), "
+        raise DoesNotFit(f"{program.name} does not fit on {topology.accelerator_type} ({topology.name}), "
                         f"{program.items_per_step / program.mesh.size:g} per chip: {reason} "
                         f"(after {time.perf_counter() - start:.0f} s of compiling). To fit: {advice}.") from None
     return compiled, time.perf_counter() - start
 
 
+MAX_AUTO_COMPILES = 3
+
+
 def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate:
-    """The training step of `config` (a `train/*.yaml` recipe) compiled for `topology`."""
+    """The training step of `config` (a `train/*.yaml` recipe) compiled for `topology`. With `mesh: auto` or
+    `model.remat: auto`, the best candidate of planning/search.py's ranking that the compiler accepts."""
     require_libtpu()
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     base = bases.base_architecture(config.model.base or "sd15")
     encoder = bases.image_encoder_config(config.model.image_encoder, base)
+    devices = topology.devices()
+    if not search_lib.is_auto(config):
+        return _plan_train(config, base, encoder, topology, devices)
+    found = search_lib.search(config, base, encoder, devices, topology.chip.hbm_bytes)
+    refused = []
+    for candidate in found.ranked[:MAX_AUTO_COMPILES]:
+        try:
+            estimate = _plan_train(found.resolved(candidate), base, encoder, topology, devices)
+        except DoesNotFit:
+            refused.append(candidate.describe())
+            continue
+        estimate.notes[:0] = [*found.notes, found.summary(candidate),
+                              *(f"the compiler refused the better-ranked {r}" for r in refused)]
+        return estimate
+    raise UserError(f"The compiler refused the {len(refused)} best-ranked choices for {config.global_batch_size} "
+                    f"images on {topology.accelerator_type} ({'; '.join(refused)}). Use a bigger slice or lower "
+                    "global_batch_size.")
+
+
+def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices: list) -> report.Estimate:
     notes = []
     accum = config.optimizer.grad_accum_steps
     if accum > 1:  # the compiler counts a loop body once: plan one microbatch, scale by the count
@@ -70,10 +84,11 @@ def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate
         notes.append(f"one of {accum} accumulated microbatches compiled; time and FLOPs scaled by {accum}")
     if not config.data.cache:
         notes.append("the cached-encoder step (data.cache); a raw-image step also runs the VAE and CLIP encoders")
-    mesh = _mesh(topology.devices(), config.mesh.data, config.mesh.fsdp)
+    mesh = steps.slice_mesh(devices, config.mesh.data, config.mesh.fsdp)
     program = steps.train_program(config, base, encoder, mesh)
     compiled, seconds = _compile(program, topology, TRAIN_ADVICE)
     estimate = report.analyse(program, compiled, topology, seconds, total_steps=config.total_steps, notes=notes)
+    estimate.remat = config.model.remat
     if accum > 1:
         estimate.est_step_s *= accum
         estimate.flops_per_chip_step *= accum
@@ -93,7 +108,7 @@ def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: To
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     base = bases.base_architecture(base_name)
     encoder = bases.image_encoder_config(image_encoder, base)
-    mesh = _mesh(topology.devices(), -1, settings.fsdp)
+    mesh = steps.slice_mesh(topology.devices(), -1, settings.fsdp)
     program = steps.generate_program(dataclasses.replace(settings, steps=1), base, encoder, mesh)
     compiled, seconds = _compile(program, topology, GENERATE_ADVICE)
     program.unet_calls = settings.steps

@@ -72,6 +72,7 @@ class Estimate:
     kernels: dict[str, KernelCost]
     total_steps: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    remat: str | None = None  # training: the remat policy compiled
     # Share of the compiler's estimated cycles by kind of operation (planning/ops.py): where the step goes.
     time_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -165,7 +166,8 @@ def table(e: Estimate) -> str:
     """A human-readable summary; every time and rate is labelled as the compiler's estimate."""
     rows = [
         ("program", e.program),
-        ("topology", f"{e.accelerator_type} ({e.topology}), mesh {e.mesh}, {e.batch_per_chip:g} per chip"),
+        ("topology", f"{e.accelerator_type} ({e.topology}), mesh {e.mesh}, {e.batch_per_chip:g} per chip"
+                     + (f", remat {e.remat}" if e.remat else "")),
         ("fits in HBM", "yes" if e.fits else "NO"),
         ("HBM per chip", f"{_gib(e.hbm_used_bytes_per_chip)} of {_gib(e.hbm_capacity_bytes_per_chip)} "
                          f"(arguments {_gib(e.hbm_argument_bytes)}, temporaries {_gib(e.hbm_temp_bytes)}, "

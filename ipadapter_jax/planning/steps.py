@@ -45,10 +45,25 @@ class Program:
     mesh: Mesh
     items_per_step: int  # training examples or generated images one call handles
     unet_calls: int  # UNet evaluations per call (denoising steps; 1 for training)
+    # Training: (loss(params, frozen, consts, microbatch, key), its abstract arguments), the function the step
+    # differentiates, for counting the activations its backward pass keeps (planning/search.py).
+    loss: tuple | None = None
 
     def lower(self):
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(*self.args)
+
+
+def slice_mesh(devices: list, data: int, fsdp: int) -> Mesh:
+    """A (data, fsdp) mesh over a slice's devices, placed on its torus where jax knows how."""
+    from jax.experimental import mesh_utils
+
+    shape = sharding_lib.axis_sizes(sharding_lib.MeshConfig(data=data, fsdp=fsdp), len(devices))
+    try:  # ICI-aware placement of the axes on the slice's torus
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, sharding_lib.AXES)
 
 
 def _sds(x, sharding) -> jax.ShapeDtypeStruct:
@@ -131,8 +146,13 @@ def train_program(config: TrainConfig, base: BaseArchitecture, encoder, mesh: Me
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, replicated, batch_sharding),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     frozen_args = {k: _sds(v, frozen_shardings[k]) for k, v in frozen.items()}
+    loss = step_lib.make_microbatch_loss(assembled.merge, settings)
+    microbatch = {k: jax.ShapeDtypeStruct((gbs // accum, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+                  for k, v in batch.items()}
+    step_key = jax.eval_shape(lambda: jax.random.key(0))
+    loss_args = (state["params"], frozen_args, consts, microbatch, step_key)
     return Program("train step", jitted, (state, frozen_args, consts, batch), mesh, items_per_step=gbs,
-                   unet_calls=1)
+                   unet_calls=1, loss=(loss, loss_args))
 
 
 @dataclasses.dataclass(frozen=True)

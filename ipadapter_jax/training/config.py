@@ -13,7 +13,7 @@ from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.sharding import MeshConfig
 
 Variant = Literal["base", "plus", "full"]
-Remat = Literal["none", "full", "dots", "dots_no_batch", "offload_dots"]
+Remat = Literal["none", "full", "dots", "dots_no_batch", "offload_dots", "auto"]  # auto: planning/search.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ModelConfig:
     weights_variant: str | None = None  # e.g. "fp16" for *.fp16.safetensors
     attention: Literal["auto", "xla", "chunked", "cudnn", "pallas"] = "auto"  # auto: by platform and shape
     # jax.checkpoint policy for every UNet ResNet and transformer block (models/remat.py): recompute activations
-    # in the backward pass to trade compute for memory.
+    # in the backward pass to trade compute for memory; auto: the fastest that fits the devices (planning/search.py).
     remat: Remat = "none"
 
     def __post_init__(self):

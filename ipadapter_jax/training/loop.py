@@ -72,12 +72,18 @@ class TrainResult:
                 f"  adapter (ipadapter-jax folder): {self.exported.parent / 'ip_adapter' if self.exported else None}")
 
 
+AutoChooser = Callable[[TrainConfig, list], tuple[TrainConfig, str]]
+
+
 def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None,
-          on_eval: Callable[[int, dict[str, float], list], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, dict[str, float], list], None] | None = None,
+          choose_auto: AutoChooser | None = None) -> TrainResult:
     """Train (or resume) the adapter described by ``config``; ``devices`` restricts the mesh (tests);
     ``on_step(step, metrics)`` gets every step's metrics as floats (a device sync per step);
-    ``on_eval(step, metrics, images)`` every evaluation's metrics and generated PIL images."""
+    ``on_eval(step, metrics, images)`` every evaluation's metrics and generated PIL images;
+    ``choose_auto(config, devices) -> (config, why)`` resolves `mesh: auto` / `model.remat: auto` once the
+    devices are known (`ipadapter_jax.planning.search.choose`, as `ipadapter-jax train` passes it)."""
     config.validate_for_training()
     workdir = Path(config.workdir).absolute()
 
@@ -90,6 +96,13 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
         workdir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- mesh
+    if config.mesh.auto or config.model.remat == "auto":  # what `ipadapter-jax plan` would choose
+        if choose_auto is None:
+            raise ConfigError("mesh: auto and model.remat: auto are chosen for the devices by "
+                              "ipadapter_jax.planning.search.choose: pass train(..., choose_auto=choose), as "
+                              "`ipadapter-jax train` does, or set mesh.data, mesh.fsdp and model.remat.")
+        config, why = choose_auto(config, list(devices) if devices is not None else jax.devices())
+        _log.warning("%s", why)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = config.mesh.rules
     replicated = sharding_lib.replicated(mesh)

@@ -68,10 +68,9 @@ def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def make_train_step(merge: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    settings: StepSettings, batch_sharding=None) -> Callable:
-    """``train_step(state, frozen, consts, batch) -> (state, metrics)``; ``merge(params, frozen)`` rebuilds the
-    TrainModel. ``batch_sharding`` (optional) constrains each microbatch to the batch layout."""
+def make_microbatch_loss(merge: Callable, settings: StepSettings) -> Callable:
+    """``loss(params, frozen, consts, microbatch, step_key) -> (loss, per-example MSE)``: what the step
+    differentiates (planning also reads the activations its backward pass keeps from it)."""
     def microbatch_loss(params, frozen, consts, mb, step_key):
         model = merge(params, frozen)
         if settings.cached:
@@ -86,7 +85,14 @@ def make_train_step(merge: Callable, tx: optax.GradientTransformation, schedule:
                                           settings.loss, enc, mb.get("time_ids"), d)
         return loss, mse_B
 
-    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+    return microbatch_loss
+
+
+def make_train_step(merge: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    settings: StepSettings, batch_sharding=None) -> Callable:
+    """``train_step(state, frozen, consts, batch) -> (state, metrics)``; ``merge(params, frozen)`` rebuilds the
+    TrainModel. ``batch_sharding`` (optional) constrains each microbatch to the batch layout."""
+    grad_fn = jax.value_and_grad(make_microbatch_loss(merge, settings), has_aux=True)
 
     def train_step(state, frozen, consts, batch):
         step = state["step"]

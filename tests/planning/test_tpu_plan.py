@@ -1,5 +1,5 @@
 """Compiling for a TPU slice on this CPU host, with libtpu in its own virtualenv (a subprocess): a tiny UNet's
-training step and batch-generation step for v5e:2x2, on a data mesh and an fsdp mesh.
+training step and batch-generation step for v5e:2x2, on a data mesh and an fsdp mesh, and `mesh: auto`.
 
 The TPU virtualenv is `$IPADAPTER_JAX_TPU_PYTHON` (set by .ci/run) or `.venv-tpu/bin/python` at the repository
 root. Under CI it must exist; elsewhere the test is skipped with the command that makes it.
@@ -72,6 +72,16 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     assert shares.get("convolution", 0) + shares.get("matmul", 0) > 0
     assert r["flops_per_chip_step"] - r["model_flops_per_chip_step"] == pytest.approx(
         sum(k["flops"] - k["useful_flops"] for k in kernels.values()))
+
+
+def test_auto_plan_compiles_the_search_pick(results):
+    """Memory is plentiful for the tiny UNet: the pick is the data mesh without remat, and the global batch of 2
+    rose to the 4 chips with half the steps."""
+    r = next(r for r in results if r["job"] == "train-auto")
+    assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1} and r["remat"] == "none"
+    assert r["batch_per_chip"] == 1 and r["items_per_step"] == 4 and r["total_steps"] == 500
+    assert any("raised to 4, and total_steps 1000 -> 500" in n for n in r["notes"])
+    assert any(n.startswith("mesh: auto and remat: auto chose fsdp=1, remat=none, 1 per chip") for n in r["notes"])
 
 
 def test_json_has_the_documented_keys(results):

@@ -1,6 +1,6 @@
 """Run by tests/planning/test_tpu_plan.py with the TPU virtualenv's python (libtpu installed): lower a tiny
-TPU-targeted UNet gradient, plan a tiny training step (data mesh, fsdp mesh) and batch-generation step (fsdp
-mesh) for a v5e:2x2 slice, and print each result as one JSON line."""
+TPU-targeted UNet gradient, plan a tiny training step (data mesh, fsdp mesh, `mesh: auto`) and batch-generation
+step (fsdp mesh) for a v5e:2x2 slice, and print each result as one JSON line."""
 
 from __future__ import annotations
 
@@ -95,6 +95,12 @@ def main(topology: str) -> None:
                                           f"model.remat={remat}"])
         print(json.dumps({"job": "train", "fsdp": fsdp, **json.loads(dumps(plan_train(config, topology)))}),
               flush=True)
+    # mesh: auto and remat: auto, with a global batch (2) that does not split over the 4 chips
+    config = load_train_config(None, [f"model.base={root}", f"model.image_encoder={root / 'image_encoder'}",
+                                      "model.variant=base", "model.dtype=bfloat16", "data.resolution=256",
+                                      "global_batch_size=2", "total_steps=1000", "mesh=auto", "model.remat=auto"])
+    print(json.dumps({"job": "train-auto", "fsdp": None, **json.loads(dumps(plan_train(config, topology)))}),
+          flush=True)
     settings = GenerateSettings(height=256, width=256, steps=20, batch_per_chip=1, adapter="plus", fsdp=2)
     estimate = plan_generate(str(root), settings, topology, str(root / "image_encoder"))
     print(json.dumps({"job": "generate", "fsdp": 2, **json.loads(dumps(estimate))}), flush=True)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from training.helpers import REFERENCE_STEPS, exported_tensors, make_config, rel_diff
 
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.planning.search import choose
 from ipadapter_jax.training.loop import train
 
 TOL = 1e-5
@@ -30,3 +32,16 @@ def test_sharded_losses_match_one_device(tiny_inputs, reference_run, initial_ada
         ref_update, our_update = ref[name] - start, ours[name] - start
         err = np.linalg.norm(our_update - ref_update) / np.linalg.norm(ref_update)
         assert err < 1e-3, (name, err)
+
+
+def test_auto_mesh_and_remat_train_as_chosen(tiny_inputs, reference_run, tmp_path, caplog):
+    """`mesh: auto` with `remat: auto` on 8 CPU devices (memory not limited): the search picks the plain data
+    mesh, no remat, the whole per-chip batch at once; the run trains as that mesh does."""
+    config = make_config(tiny_inputs, tmp_path, "mesh=auto", "model.remat=auto", "checkpoint.every_steps=1000")
+    assert config.mesh.auto and config.model.remat == "auto"
+    with pytest.raises(ConfigError, match="pass train\\(..., choose_auto=choose\\)"):
+        train(config, devices=jax.devices())
+    with caplog.at_level("WARNING", logger="ipadapter_jax.train"):
+        result = train(config, devices=jax.devices(), choose_auto=choose)
+    assert "mesh: auto and remat: auto chose fsdp=1, remat=none, 2 per chip x 1 accumulation step(s)" in caplog.text
+    assert rel_diff(result.losses, reference_run.losses) < TOL, (result.losses, reference_run.losses)

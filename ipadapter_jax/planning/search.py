@@ -1,0 +1,222 @@
+"""`mesh: auto` and `model.remat: auto`: the (data, fsdp) split, remat policy and per-chip microbatch with the
+best estimated throughput that fits the chips' memory. `ipadapter-jax plan` and `train` choose the same way.
+
+Compiling a whole step takes minutes to half an hour on a small host, so candidates are ranked by a model and
+only the pick is compiled (`plan` compiles the next one when the compiler refuses it):
+
+- memory per chip = the step's arguments per chip, exact from their shardings (weights, optimizer state, batch)
+  + the gradients and the optimizer's update (twice the trainable weights) + the frozen weights whole (the
+  compiled SDXL step on v5e at fsdp 4 held what unsplit weights would: XLA gathers them ahead of use and keeps
+  them for the backward pass, so fsdp saves memory only where the rules split the adapter and its optimizer
+  state) + microbatch x the activations one image keeps for the backward pass under the remat policy, counted from the
+  traced backward (its saved residuals, at the real shapes, no compile). XLA fuses away part of them (the compiled
+  SD1.5 step keeps 0.6x what the trace counts), so the count errs towards fitting less;
+- speed per chip ~ b / (b + 2) / recompute: per-chip microbatch b, with 2 the half-efficiency batch that the
+  compiled SD1.5 training step shows on v5p (27% estimated MFU at 2 images per chip, 44% at 8), and recompute
+  the extra forward work of the policy (full: one more forward on top of forward + backward's three, 4/3;
+  dots_no_batch keeps every matmul and recomputes elementwise work, counted 1.1). Ties go to the smaller fsdp
+  and the lighter policy.
+
+The recipe's global batch is kept; where it does not split over the chips (32 images on 256 chips), it rises
+to the next multiple of the chip count and total_steps falls so that the run sees the same number of images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from ipadapter_jax import sharding as sharding_lib
+from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.training.config import TrainConfig
+
+REMAT_CHOICES = ("none", "dots_no_batch", "full")
+RECOMPUTE = {"none": 1.0, "dots": 1.1, "dots_no_batch": 1.1, "offload_dots": 1.1, "full": 4 / 3}
+HALF_EFFICIENCY_BATCH = 2.0
+USABLE = 0.9  # of the chip's memory: room for the compiler's own buffers and fragmentation
+MAX_FSDP = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    fsdp: int
+    remat: str
+    batch_per_chip: int  # microbatch per chip
+    grad_accum_steps: int
+    argument_bytes: int  # per chip
+    activation_bytes: int  # per chip, the microbatch's
+
+    @property
+    def bytes(self) -> int:
+        return self.argument_bytes + self.activation_bytes
+
+    @property
+    def speed(self) -> float:
+        b = self.batch_per_chip
+        return b / (b + HALF_EFFICIENCY_BATCH) / RECOMPUTE[self.remat]
+
+    def describe(self) -> str:
+        return (f"fsdp={self.fsdp}, remat={self.remat}, {self.batch_per_chip} per chip x "
+                f"{self.grad_accum_steps} accumulation step(s), ~{self.bytes / 2**30:.1f} GiB per chip by the model")
+
+
+@dataclasses.dataclass
+class Search:
+    config: TrainConfig  # the recipe with its global batch (and total_steps) fitted to the chip count
+    num_devices: int
+    capacity_bytes: int | None  # per chip; None: not limited (CPU)
+    ranked: list[Candidate]  # fitting candidates, best first
+    rejected: int  # candidates over the memory budget
+    notes: list[str]
+    searches_mesh: bool = False
+    searches_remat: bool = False
+
+    def resolved(self, c: Candidate) -> TrainConfig:
+        """The recipe with the candidate's choices written in (what `train` runs)."""
+        cfg = self.config
+        mesh = dataclasses.replace(cfg.mesh, data=self.num_devices // c.fsdp, fsdp=c.fsdp, auto=False)
+        return dataclasses.replace(
+            cfg, mesh=mesh, model=dataclasses.replace(cfg.model, remat=c.remat),
+            optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=c.grad_accum_steps))
+
+    def summary(self, c: Candidate) -> str:
+        what = " and ".join(w for w, on in (("mesh: auto", self.searches_mesh), ("remat: auto", self.searches_remat))
+                            if on)
+        return (f"{what} chose {c.describe()}; {len(self.ranked)} candidate(s) fit the model's memory budget "
+                f"({self.rejected} did not), ranked by the model in planning/search.py")
+
+
+def is_auto(config: TrainConfig) -> bool:
+    return config.mesh.auto or config.model.remat == "auto"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fit_global_batch(config: TrainConfig, num_devices: int) -> tuple[TrainConfig, list[str]]:
+    """The recipe with its global batch raised to a multiple of the chip count when it is not one."""
+    gbs = config.global_batch_size
+    if gbs % num_devices == 0:
+        return config, []
+    new = num_devices * math.ceil(gbs / num_devices)
+    steps = math.ceil(config.total_steps * gbs / new)
+    note = (f"global_batch_size {gbs} does not split over {num_devices} chips: raised to {new}, and total_steps "
+            f"{config.total_steps} -> {steps} to see the same number of images (learning rate unchanged)")
+    return dataclasses.replace(config, global_batch_size=new, total_steps=steps), [note]
+
+
+def activation_bytes(loss, loss_args, mesh) -> int:
+    """Bytes the backward pass of `loss` keeps: the residuals of its VJP with respect to the trainable
+    parameters (the first argument), leaving out what are arguments themselves. Traced, not compiled."""
+
+    def residuals(params, *rest):  # differentiated in the parameters alone, as the step does
+        return jax.tree.leaves(jax.vjp(lambda p: loss(p, *rest)[0], params)[1])
+
+    with jax.set_mesh(mesh):
+        closed = jax.make_jaxpr(residuals)(*loss_args)
+    inputs = {id(v) for v in closed.jaxpr.invars}
+    total = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in closed.jaxpr.outvars
+                if id(v) not in inputs and hasattr(v.aval, "shape"))
+    return total
+
+
+def _shard_bytes(tree) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _unsharded_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def argument_bytes_per_chip(program) -> int:
+    """The step's state, frozen weights and constants on one chip, exact from their shardings."""
+    state, frozen, consts, _ = program.args
+    return _shard_bytes((state, frozen, consts))
+
+
+def search(config: TrainConfig, base, encoder, devices: list, capacity_bytes: int | None) -> Search:
+    """Rank every (fsdp, remat, microbatch) for `config` on `devices` by the model (module doc)."""
+    from ipadapter_jax.planning import steps  # planning builds models; keep `import search` light
+
+    n = len(devices)
+    config, notes = fit_global_batch(config, n) if config.mesh.auto else (config, [])
+    if config.global_batch_size % n:
+        raise ConfigError(f"global_batch_size {config.global_batch_size} must be a multiple of the {n} devices; "
+                          f"set it to {n * math.ceil(config.global_batch_size / n)} or use mesh: auto.")
+    if config.mesh.auto:
+        fsdps = [d for d in _divisors(n) if d & (d - 1) == 0 and d <= MAX_FSDP]
+    else:
+        fsdps = [sharding_lib.axis_sizes(config.mesh, n)[1]]
+    remats = REMAT_CHOICES if config.model.remat == "auto" else (config.model.remat,)
+    per_chip = config.global_batch_size // n
+
+    def variant(fsdp: int, remat: str, gbs: int):
+        mesh_cfg = dataclasses.replace(config.mesh, data=-1, fsdp=fsdp, auto=False)
+        return dataclasses.replace(config, global_batch_size=gbs, mesh=mesh_cfg,
+                                   model=dataclasses.replace(config.model, remat=remat),
+                                   optimizer=dataclasses.replace(config.optimizer, grad_accum_steps=1))
+
+    one = steps.slice_mesh(devices[:1], 1, 1)  # activations per image do not depend on the split: trace on one device
+    activations = {}  # remat -> (bytes kept whatever the batch, bytes per image)
+    for remat in remats:
+        kept = [activation_bytes(*steps.train_program(variant(1, remat, b), base, encoder, one).loss, one)
+                for b in (1, 2)]
+        activations[remat] = (2 * kept[0] - kept[1], kept[1] - kept[0])
+    arguments = {}
+    for fsdp in fsdps:  # built with one image per chip: the step's batch argument holds per_chip of them
+        program = steps.train_program(variant(fsdp, remats[0], n), base, encoder, steps.slice_mesh(devices, -1, fsdp))
+        # + the gradients and the optimizer's update, each the size of the trainable parameters, + the frozen
+        # weights gathered whole for use (module doc)
+        state, frozen = program.args[:2]
+        gathered = _unsharded_bytes(frozen) - _shard_bytes(frozen)
+        arguments[fsdp] = (argument_bytes_per_chip(program) + per_chip * _shard_bytes(program.args[3])
+                           + 2 * _shard_bytes(state["params"]) + gathered)
+    candidates = []
+    for fsdp in fsdps:
+        for remat in remats:
+            for accum in _divisors(per_chip):
+                b = per_chip // accum
+                candidates.append(Candidate(fsdp=fsdp, remat=remat, batch_per_chip=b, grad_accum_steps=accum,
+                                            argument_bytes=arguments[fsdp],
+                                            activation_bytes=activations[remat][0] + b * activations[remat][1]))
+    budget = None if capacity_bytes is None else USABLE * capacity_bytes
+    fitting = [c for c in candidates if budget is None or c.bytes <= budget]
+    fitting.sort(key=lambda c: (-c.speed, c.fsdp, REMAT_CHOICES.index(c.remat) if c.remat in REMAT_CHOICES else 0))
+    result = Search(config=config, num_devices=n, capacity_bytes=capacity_bytes, ranked=fitting,
+                    rejected=len(candidates) - len(fitting), notes=notes, searches_mesh=config.mesh.auto,
+                    searches_remat=config.model.remat == "auto")
+    if not fitting:
+        smallest = min(candidates, key=lambda c: c.bytes)
+        raise ConfigError(f"No split of {config.global_batch_size} images over {n} chips fits in "
+                          f"{capacity_bytes / 2**30:.1f} GiB per chip by the memory model; the smallest is "
+                          f"{smallest.describe()}. Use more chips, or lower global_batch_size.")
+    return result
+
+
+def device_memory_bytes(devices: list) -> int | None:
+    """Memory per device as its runtime reports it (TPU and GPU); None on CPU, where the host's RAM is shared."""
+    from ipadapter_jax.models.target import platform_of
+
+    if platform_of(devices) == "cpu":
+        return None
+    stats = devices[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def choose(config: TrainConfig, devices: list) -> tuple[TrainConfig, str]:
+    """`train`'s choice for `mesh: auto` / `remat: auto` on the devices it runs on: the best-ranked candidate
+    (`plan` compiles the same ranking for a TPU slice). Returns the resolved config and one line saying why."""
+    from ipadapter_jax.planning import bases
+
+    base = bases.base_architecture(config.model.base)
+    encoder = bases.image_encoder_config(config.model.image_encoder, base)
+    found = search(config, base, encoder, list(devices), device_memory_bytes(list(devices)))
+    best = found.ranked[0]
+    return found.resolved(best), "; ".join([*found.notes, found.summary(best)])
