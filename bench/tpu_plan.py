@@ -29,7 +29,9 @@ PAPER_IMAGES = 64_000_000  # the paper's SD1.5 run: 1M steps at global batch 64 
 ROWS = [
     ("SD1.5 Plus training, 512², the recipe (64 images, 2 per chip)", "sd15_train",
      "train --config train/sd15_plus.yaml --topology v5p-64"),
-    ("SD1.5 Plus training, 512², 8 per chip", "sd15_train",
+    ("SD1.5 Plus training, 512², 8 per chip (global batch 256)", "sd15_train",
+     "train --config train/sd15_plus.yaml --topology v5p-64 global_batch_size=256"),
+    ("SD1.5 Plus training, 512², 8 per chip (before heads-in-lanes attention on v5p)", "sd15_train",
      "train --config train/sd15_plus.yaml --topology v5p:2x2x1 global_batch_size=32 model.attention=auto"),
     ("SD1.5 Plus training, 512², mesh: auto (64 images rise to 256)", None,
      "train --config train/sd15_plus.yaml --topology v5e-256 mesh=auto"),

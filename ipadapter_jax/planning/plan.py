@@ -60,19 +60,25 @@ def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate
     if not search_lib.is_auto(config):
         return _plan_train(config, base, encoder, topology, devices)
     found = search_lib.search(config, base, encoder, devices, topology.chip.hbm_bytes)
+    return first_accepted(found, lambda cfg: _plan_train(cfg, base, encoder, topology, devices),
+                          topology.accelerator_type)
+
+
+def first_accepted(found: search_lib.Search, plan_one, where: str) -> report.Estimate:
+    """The plan of the best-ranked candidate that the compiler accepts (at most MAX_AUTO_COMPILES tried)."""
     refused = []
     for candidate in found.ranked[:MAX_AUTO_COMPILES]:
         try:
-            estimate = _plan_train(found.resolved(candidate), base, encoder, topology, devices)
+            estimate = plan_one(found.resolved(candidate))
         except DoesNotFit:
             refused.append(candidate.describe())
             continue
         estimate.notes[:0] = [*found.notes, found.summary(candidate),
                               *(f"the compiler refused the better-ranked {r}" for r in refused)]
         return estimate
-    raise UserError(f"The compiler refused the {len(refused)} best-ranked choices for {config.global_batch_size} "
-                    f"images on {topology.accelerator_type} ({'; '.join(refused)}). Use a bigger slice or lower "
-                    "global_batch_size.")
+    raise UserError(f"The compiler refused the {len(refused)} best-ranked choices for "
+                    f"{found.config.global_batch_size} images on {where} ({'; '.join(refused)}). Use a bigger "
+                    "slice or lower global_batch_size.")
 
 
 def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices: list) -> report.Estimate:

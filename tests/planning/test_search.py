@@ -96,3 +96,31 @@ def test_a_memory_budget_moves_the_choice_to_what_fits(base_root):
     assert best.speed == max(c.speed for c in everything if c.bytes <= search.USABLE * capacity)
     with pytest.raises(ConfigError, match="No split of 16 images over 4 chips fits"):
         _search(base_root, config, devices, smallest.bytes // 2)
+
+
+def test_plan_compiles_the_next_candidate_when_the_compiler_refuses(base_root):
+    from types import SimpleNamespace
+
+    from ipadapter_jax.errors import UserError
+    from ipadapter_jax.planning import plan
+
+    config = _config(base_root, "mesh=auto", "model.remat=auto", "global_batch_size=8")
+    found = _search(base_root, config, jax.devices()[:4], None)
+    tried = []
+
+    def plan_one(resolved, refuse=2):
+        tried.append((resolved.mesh.fsdp, resolved.model.remat, resolved.optimizer.grad_accum_steps))
+        if len(tried) <= refuse:
+            raise plan.DoesNotFit("over HBM")
+        return SimpleNamespace(notes=["compiled"])  # what first_accepted reads of a compiled plan
+
+    estimate = plan.first_accepted(found, plan_one, "v5e-4")
+    third = found.ranked[2]
+    assert tried[-1] == (third.fsdp, third.remat, third.grad_accum_steps) and len(tried) == 3
+    assert estimate.notes[0].startswith("mesh: auto and remat: auto chose " + third.describe())
+    assert [n for n in estimate.notes if "refused the better-ranked" in n] == [
+        f"the compiler refused the better-ranked {c.describe()}" for c in found.ranked[:2]]
+    assert estimate.notes[-1] == "compiled"
+    tried.clear()
+    with pytest.raises(UserError, match="refused the 3 best-ranked choices for 8 images on v5e-4"):
+        plan.first_accepted(found, lambda resolved: plan_one(resolved, refuse=99), "v5e-4")
