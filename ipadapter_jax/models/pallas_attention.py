@@ -11,8 +11,9 @@ the compiler's estimates (bench/tpu_kernel_results.json): narrow on v5p, faster 
 padded on v5e and v6e, faster there, and the only layout their cost model can price at SD sizes (narrow
 kernels come back without an estimate). `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the
 projections write them (models/pallas_lanes.py): no transposes around the kernels; on v5p the compiler
-estimates it 3-27% faster per call than narrow rows, on v5e it cannot price it. `sharded_flash_attention`
-picks lanes on v5p and padded rows elsewhere, from the mesh's device kind.
+estimates it 3-27% faster per call than narrow rows, on v5e it cannot price it; but the whole SD1.5 training
+step is estimated 17% slower with it on v5p, so `sharded_flash_attention` picks narrow rows on v5p and padded
+rows elsewhere, from the mesh's device kind (lanes only when asked for).
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -371,7 +372,10 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else mesh.abstract_device
     narrow = getattr(device, "device_kind", None) in NARROW_HEADS
-    kwargs.setdefault("lanes", narrow)  # v5p: heads in the lanes; elsewhere rows with 128-lane heads (see above)
+    # Rows everywhere: narrow heads on v5p, 128-lane heads elsewhere (see above). Heads in the lanes are faster per
+    # attention call on v5p, but the whole SD1.5 training step (8 per chip, v5p:2x2x1) is estimated at 76.9 ms with
+    # them against 65.6 ms with narrow rows: the layouts XLA picks around the kernels cost more than they save.
+    kwargs.setdefault("lanes", False)
     kwargs.setdefault("pad_head", not narrow)
     axes = () if mesh.empty else tuple(
         a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
