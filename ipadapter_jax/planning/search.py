@@ -11,8 +11,9 @@ only the pick is compiled (`plan` compiles the next one when the compiler refuse
   state) + microbatch x the activations one image keeps for the backward pass under the remat policy, counted from the
   traced backward (its saved residuals, at the real shapes, no compile). XLA fuses away part of them (the compiled
   SD1.5 step keeps 0.6x what the trace counts), so the count errs towards fitting less;
-- speed per chip ~ b / (b + 2) / recompute: per-chip microbatch b, with 2 the half-efficiency batch that the
-  compiled SD1.5 training step shows on v5p (27% estimated MFU at 2 images per chip, 44% at 8), and recompute
+- speed per chip ~ b / (b + 0.7) / recompute: per-chip microbatch b, with 0.7 the half-efficiency batch that
+  fits the compiled SD1.5 training step on v5p within a point (estimated MFU 35.5% at 2 images per chip, 43.8% at
+  8, 44.9% at 16, 45.7% at 32), and recompute
   the extra forward work of the policy (full: one more forward on top of forward + backward's three, 4/3;
   dots_no_batch keeps every matmul and recomputes elementwise work, counted 1.1). Ties go to the smaller fsdp
   and the lighter policy.
@@ -34,7 +35,7 @@ from ipadapter_jax.training.config import TrainConfig
 
 REMAT_CHOICES = ("none", "dots_no_batch", "full")
 RECOMPUTE = {"none": 1.0, "dots": 1.1, "dots_no_batch": 1.1, "offload_dots": 1.1, "full": 4 / 3}
-HALF_EFFICIENCY_BATCH = 2.0
+HALF_EFFICIENCY_BATCH = 0.7
 USABLE = 0.9  # of the chip's memory: room for the compiler's own buffers and fragmentation
 MAX_FSDP = 64
 
