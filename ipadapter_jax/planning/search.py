@@ -8,15 +8,15 @@ only the pick is compiled (`plan` compiles the next one when the compiler refuse
   + the gradients and the optimizer's update (twice the trainable weights) + the frozen weights whole (the
   compiled SDXL step on v5e at fsdp 4 held what unsplit weights would: XLA gathers them ahead of use and keeps
   them for the backward pass, so fsdp saves memory only where the rules split the adapter and its optimizer
-  state) + microbatch x the activations one image keeps for the backward pass under the remat policy, counted from the
-  traced backward (its saved residuals, at the real shapes, no compile). XLA fuses away part of them (the compiled
-  SD1.5 step keeps 0.6x what the trace counts), so the count errs towards fitting less;
-- speed per chip ~ b / (b + 0.7) / recompute: per-chip microbatch b, with 0.7 the half-efficiency batch that
-  fits the compiled SD1.5 training step on v5p within a point (estimated MFU 35.5% at 2 images per chip, 43.8% at
-  8, 44.9% at 16, 45.7% at 32), and recompute
-  the extra forward work of the policy (full: one more forward on top of forward + backward's three, 4/3;
-  dots_no_batch keeps every matmul and recomputes elementwise work, counted 1.1). Ties go to the smaller fsdp
-  and the lighter policy.
+  state) + microbatch x the activations one image keeps for the backward pass under the remat policy, counted
+  from the traced backward (its saved residuals, at the real shapes, no compile). XLA fuses away part of them (the
+  compiled SD1.5 step keeps 0.6x what the trace counts), so the count errs towards fitting less. Without a memory
+  limit (CPU) nothing is counted;
+- speed per chip ~ b / (b + 0.7) / recompute: per-chip microbatch b, with 0.7 the half-efficiency batch that fits
+  the compiled SD1.5 training step on v5p within a point (estimated MFU 35.5% at 2 images per chip, 43.8% at 8,
+  44.9% at 16, 45.7% at 32), and recompute the extra forward work of the policy (full: one more forward on top of
+  forward + backward's three, 4/3; dots_no_batch keeps every matmul and recomputes elementwise work, counted
+  1.1). Ties go to the smaller fsdp and the lighter policy.
 
 The recipe's global batch is kept; where it does not split over the chips (32 images on 256 chips), it rises
 to the next multiple of the chip count and total_steps falls so that the run sees the same number of images.
@@ -46,12 +46,12 @@ class Candidate:
     remat: str
     batch_per_chip: int  # microbatch per chip
     grad_accum_steps: int
-    argument_bytes: int  # per chip
-    activation_bytes: int  # per chip, the microbatch's
+    argument_bytes: int | None = None  # per chip; None: not counted (no memory limit)
+    activation_bytes: int | None = None  # per chip, the microbatch's
 
     @property
-    def bytes(self) -> int:
-        return self.argument_bytes + self.activation_bytes
+    def bytes(self) -> int | None:
+        return None if self.argument_bytes is None else self.argument_bytes + self.activation_bytes
 
     @property
     def speed(self) -> float:
@@ -59,8 +59,9 @@ class Candidate:
         return b / (b + HALF_EFFICIENCY_BATCH) / RECOMPUTE[self.remat]
 
     def describe(self) -> str:
+        memory = "" if self.bytes is None else f", ~{self.bytes / 2**30:.1f} GiB per chip by the model"
         return (f"fsdp={self.fsdp}, remat={self.remat}, {self.batch_per_chip} per chip x "
-                f"{self.grad_accum_steps} accumulation step(s), ~{self.bytes / 2**30:.1f} GiB per chip by the model")
+                f"{self.grad_accum_steps} accumulation step(s){memory}")
 
 
 @dataclasses.dataclass
@@ -71,8 +72,6 @@ class Search:
     ranked: list[Candidate]  # fitting candidates, best first
     rejected: int  # candidates over the memory budget
     notes: list[str]
-    searches_mesh: bool = False
-    searches_remat: bool = False
 
     def resolved(self, c: Candidate) -> TrainConfig:
         """The recipe with the candidate's choices written in (what `train` runs)."""
@@ -83,8 +82,8 @@ class Search:
             optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=c.grad_accum_steps))
 
     def summary(self, c: Candidate) -> str:
-        what = " and ".join(w for w, on in (("mesh: auto", self.searches_mesh), ("remat: auto", self.searches_remat))
-                            if on)
+        what = " and ".join(w for w, on in (("mesh: auto", self.config.mesh.auto),
+                                            ("remat: auto", self.config.model.remat == "auto")) if on)
         return (f"{what} chose {c.describe()}; {len(self.ranked)} candidate(s) fit the model's memory budget "
                 f"({self.rejected} did not), ranked by the model in planning/search.py")
 
@@ -124,28 +123,46 @@ def activation_bytes(loss, loss_args, mesh) -> int:
     return total
 
 
-def _shard_bytes(tree) -> int:
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
-    return total
+def _bytes(tree, per_chip: bool = True) -> int:
+    """Bytes of abstract arrays: on one chip (from their shardings), or whole."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape) if per_chip else x.shape) * jax.numpy.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
 
 
-def _unsharded_bytes(tree) -> int:
-    return sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+def _variant(config: TrainConfig, fsdp: int, remat: str, gbs: int) -> TrainConfig:
+    """`config` with one concrete choice and no accumulation (what `_memory` builds to count)."""
+    return dataclasses.replace(config, global_batch_size=gbs,
+                               mesh=dataclasses.replace(config.mesh, data=-1, fsdp=fsdp, auto=False),
+                               model=dataclasses.replace(config.model, remat=remat),
+                               optimizer=dataclasses.replace(config.optimizer, grad_accum_steps=1))
 
 
-def argument_bytes_per_chip(program) -> int:
-    """The step's state, frozen weights and constants on one chip, exact from their shardings."""
-    state, frozen, consts, _ = program.args
-    return _shard_bytes((state, frozen, consts))
+def _memory(config: TrainConfig, base, encoder, devices: list, fsdps: list[int], remats) -> tuple[dict, dict]:
+    """({fsdp: argument bytes per chip}, {remat: (activation bytes whatever the batch, per image)})."""
+    from ipadapter_jax.planning import steps  # planning builds models; keep `import search` light
+
+    per_chip = config.global_batch_size // len(devices)
+    one = steps.slice_mesh(devices[:1], 1, 1)  # activations per image do not depend on the split: one device
+    activations = {}
+    for remat in remats:
+        kept = [activation_bytes(*steps.train_program(_variant(config, 1, remat, b), base, encoder, one).loss, one)
+                for b in (1, 2)]
+        activations[remat] = (2 * kept[0] - kept[1], kept[1] - kept[0])
+    arguments = {}
+    for fsdp in fsdps:  # built with one image per chip: the step's batch argument holds per_chip of them
+        mesh = steps.slice_mesh(devices, -1, fsdp)
+        state, frozen, consts, batch = steps.train_program(_variant(config, fsdp, remats[0], len(devices)), base,
+                                                           encoder, mesh).args
+        # the step's arguments on one chip + the gradients and the optimizer's update, each the size of the
+        # trainable weights, + the frozen weights gathered whole for use (module doc)
+        arguments[fsdp] = (_bytes((state, frozen, consts)) + per_chip * _bytes(batch) + 2 * _bytes(state["params"])
+                           + _bytes(frozen, per_chip=False) - _bytes(frozen))
+    return arguments, activations
 
 
 def search(config: TrainConfig, base, encoder, devices: list, capacity_bytes: int | None) -> Search:
-    """Rank every (fsdp, remat, microbatch) for `config` on `devices` by the model (module doc)."""
-    from ipadapter_jax.planning import steps  # planning builds models; keep `import search` light
-
+    """Rank every (fsdp, remat, microbatch) for `config` on `devices` by the model (module doc); with
+    `capacity_bytes` None (no memory limit) by speed alone, counting no memory."""
     n = len(devices)
     config, notes = fit_global_batch(config, n) if config.mesh.auto else (config, [])
     if config.global_batch_size % n:
@@ -158,41 +175,17 @@ def search(config: TrainConfig, base, encoder, devices: list, capacity_bytes: in
     remats = REMAT_CHOICES if config.model.remat == "auto" else (config.model.remat,)
     per_chip = config.global_batch_size // n
 
-    def variant(fsdp: int, remat: str, gbs: int):
-        mesh_cfg = dataclasses.replace(config.mesh, data=-1, fsdp=fsdp, auto=False)
-        return dataclasses.replace(config, global_batch_size=gbs, mesh=mesh_cfg,
-                                   model=dataclasses.replace(config.model, remat=remat),
-                                   optimizer=dataclasses.replace(config.optimizer, grad_accum_steps=1))
-
-    one = steps.slice_mesh(devices[:1], 1, 1)  # activations per image do not depend on the split: trace on one device
-    activations = {}  # remat -> (bytes kept whatever the batch, bytes per image)
-    for remat in remats:
-        kept = [activation_bytes(*steps.train_program(variant(1, remat, b), base, encoder, one).loss, one)
-                for b in (1, 2)]
-        activations[remat] = (2 * kept[0] - kept[1], kept[1] - kept[0])
-    arguments = {}
-    for fsdp in fsdps:  # built with one image per chip: the step's batch argument holds per_chip of them
-        program = steps.train_program(variant(fsdp, remats[0], n), base, encoder, steps.slice_mesh(devices, -1, fsdp))
-        # + the gradients and the optimizer's update, each the size of the trainable parameters, + the frozen
-        # weights gathered whole for use (module doc)
-        state, frozen = program.args[:2]
-        gathered = _unsharded_bytes(frozen) - _shard_bytes(frozen)
-        arguments[fsdp] = (argument_bytes_per_chip(program) + per_chip * _shard_bytes(program.args[3])
-                           + 2 * _shard_bytes(state["params"]) + gathered)
+    memory = None if capacity_bytes is None else _memory(config, base, encoder, devices, fsdps, remats)
     candidates = []
     for fsdp in fsdps:
         for remat in remats:
-            for accum in _divisors(per_chip):
-                b = per_chip // accum
-                candidates.append(Candidate(fsdp=fsdp, remat=remat, batch_per_chip=b, grad_accum_steps=accum,
-                                            argument_bytes=arguments[fsdp],
-                                            activation_bytes=activations[remat][0] + b * activations[remat][1]))
-    budget = None if capacity_bytes is None else USABLE * capacity_bytes
-    fitting = [c for c in candidates if budget is None or c.bytes <= budget]
+            for b in (per_chip // a for a in _divisors(per_chip)):
+                counted = () if memory is None else (memory[0][fsdp], memory[1][remat][0] + b * memory[1][remat][1])
+                candidates.append(Candidate(fsdp, remat, b, per_chip // b, *counted))
+    fitting = [c for c in candidates if capacity_bytes is None or c.bytes <= USABLE * capacity_bytes]
     fitting.sort(key=lambda c: (-c.speed, c.fsdp, REMAT_CHOICES.index(c.remat) if c.remat in REMAT_CHOICES else 0))
     result = Search(config=config, num_devices=n, capacity_bytes=capacity_bytes, ranked=fitting,
-                    rejected=len(candidates) - len(fitting), notes=notes, searches_mesh=config.mesh.auto,
-                    searches_remat=config.model.remat == "auto")
+                    rejected=len(candidates) - len(fitting), notes=notes)
     if not fitting:
         smallest = min(candidates, key=lambda c: c.bytes)
         raise ConfigError(f"No split of {config.global_batch_size} images over {n} chips fits in "
@@ -202,13 +195,12 @@ def search(config: TrainConfig, base, encoder, devices: list, capacity_bytes: in
 
 
 def device_memory_bytes(devices: list) -> int | None:
-    """Memory per device as its runtime reports it (TPU and GPU); None on CPU, where the host's RAM is shared."""
+    """Memory per device as its runtime reports it (TPU and GPU); None on CPU, where every device shares the
+    host's memory and XLA:CPU's scheduler does not plan to a limit."""
     from ipadapter_jax.models.target import platform_of
+    from ipadapter_jax.pipelines.settings import device_memory_bytes as one_device
 
-    if platform_of(devices) == "cpu":
-        return None
-    stats = devices[0].memory_stats() or {}
-    return stats.get("bytes_limit")
+    return None if platform_of(devices) == "cpu" else one_device(devices[0])
 
 
 def choose(config: TrainConfig, devices: list) -> tuple[TrainConfig, str]:

@@ -79,12 +79,15 @@ def test_unlimited_memory_takes_the_fastest_choice(base_root):
     assert not resolved.mesh.auto and (resolved.mesh.data, resolved.mesh.fsdp) == (4, 1)
     assert resolved.model.remat == "none" and resolved.optimizer.grad_accum_steps == 1
     assert {c.fsdp for c in found.ranked} == {1, 2, 4} and {c.remat for c in found.ranked} == set(search.REMAT_CHOICES)
+    # no memory limit (CPU): nothing is traced or counted, and the choice says no size
+    assert all(c.bytes is None for c in found.ranked) and "GiB" not in found.summary(best)
 
 
 def test_a_memory_budget_moves_the_choice_to_what_fits(base_root):
     config = _config(base_root, "mesh=auto", "model.remat=auto", "global_batch_size=16")
     devices = jax.devices()[:4]
-    everything = _search(base_root, config, devices, None).ranked
+    everything = _search(base_root, config, devices, 2**60).ranked  # every candidate fits, each one counted
+    assert len(everything) == len(_search(base_root, config, devices, None).ranked)
     fastest = everything[0]
     smallest = min(everything, key=lambda c: c.bytes)
     capacity = int((fastest.bytes + smallest.bytes) / 2 / search.USABLE)
