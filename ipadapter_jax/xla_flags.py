@@ -16,12 +16,16 @@ def _has_accelerator() -> bool:
 
 
 def configure_xla_for_cpu() -> None:
-    """Add the CPU flags unless an accelerator is present, JAX is already imported, or the user opted out
-    (IPADAPTER_JAX_CPU_FLAGS=0)."""
+    """Add the CPU flags and share one malloc arena (`host_memory.py`: lets a training step keep the memory it
+    frees), unless an accelerator is present, JAX is already imported, or the user opted out
+    (IPADAPTER_JAX_CPU_FLAGS=0 for both)."""
     import sys
 
     if "jax" in sys.modules or os.environ.get("IPADAPTER_JAX_CPU_FLAGS", "1") == "0" or _has_accelerator():
         return
+    from ipadapter_jax.host_memory import share_one_arena
+
+    share_one_arena()
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_FLAGS if f.split("=")[0] not in current]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.errors import ConfigError
-from ipadapter_jax.models.conv import conv2d
+from ipadapter_jax.models.conv import conv2d, upsample2x_conv
 
 
 class IPAdapterParam(nnx.Param):
@@ -112,9 +112,19 @@ class Conv2d(nnx.Module):
         else:
             y = conv2d(x_BHWC, kernel, stride=self.stride, padding=self.padding,
                        accumulate=_accumulate(x_BHWC), for_cpu=self.for_cpu)
+        return self._biased(y, x_BHWC.dtype)
+
+    def upsampled(self, x_BHWC: jax.Array) -> jax.Array:
+        """This (3x3, stride 1, padding 1) convolution of the nearest 2x upsample of `x` (Upsample2D), in the
+        sub-pixel form where that pays (models/conv.py)."""
+        kernel = self.kernel[...].astype(x_BHWC.dtype)
+        y = upsample2x_conv(x_BHWC, kernel, accumulate=_accumulate(x_BHWC), for_cpu=self.for_cpu)
+        return self._biased(y, x_BHWC.dtype)
+
+    def _biased(self, y: jax.Array, dtype) -> jax.Array:
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
-        return y.astype(x_BHWC.dtype)
+        return y.astype(dtype)
 
 
 class GroupNorm(nnx.Module):

@@ -69,5 +69,6 @@ class Upsample2D(nnx.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BHWC: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        size = size or (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2])
+        if size is None or tuple(size) == (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2]):
+            return self.conv.upsampled(x_BHWC)
         return self.conv(nearest_resize(x_BHWC, size))

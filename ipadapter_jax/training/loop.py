@@ -24,6 +24,7 @@ from ipadapter_jax.checkpoint import Checkpointer, abstract_like
 from ipadapter_jax.config import to_dict
 from ipadapter_jax.data import pipeline, reader
 from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
+from ipadapter_jax.host_memory import retain_freed_memory
 from ipadapter_jax.models.adapter_spec import AdapterSpec
 from ipadapter_jax.outputs import check_outputs
 from ipadapter_jax.training import encoder_cache, inputs
@@ -194,6 +195,8 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
             with jax.set_mesh(mesh):  # the mesh that Pallas kernels deep in the UNet are split over
                 compiled = jitted.lower(state, frozen, consts, batch).compile()
             flops = (compiled.cost_analysis() or {}).get("flops")
+            if mesh.devices.flat[0].platform == "cpu":  # temporaries in host memory: reuse them step to step
+                retain_freed_memory(compiled.memory_analysis().temp_size_in_bytes)
         encoders = _encoders(config, assembled, mesh, frozen, cached)
         sampler = SampleGrid(config, assembled, encoders, mesh) if config.monitor.sample_every_steps else None
         evaluator = Evaluator(config, assembled, encoders, mesh) if config.eval.every_steps else None

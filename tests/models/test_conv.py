@@ -88,3 +88,64 @@ def test_bfloat16_tap_products_match_xla_forward_and_gradients():
     # Gradients come back in bfloat16: each side rounds its float32 sums once, so they may differ by a rounding.
     assert _rel(dx.astype(jnp.float32), ref_dx.astype(jnp.float32)) < 2 ** -8
     assert _rel(dw.astype(jnp.float32), ref_dw.astype(jnp.float32)) < 2 ** -8
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 8), (1, 32, 40, 4)])
+def test_subpixel_upsample_conv_matches_upsample_then_conv(shape):
+    """The sub-pixel form sums kernel taps before multiplying: float32 rounding apart, the same numbers and
+    gradients as upsampling and convolving."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 16)) / np.sqrt(9 * shape[-1]), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((shape[0], 2 * shape[1], 2 * shape[2], 16)), jnp.float32)
+
+    def ours(x, w):
+        return conv.upsample2x_conv(x, w, for_cpu=True)
+
+    def xla(x, w):
+        return conv._conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w, 1, 1, None)
+
+    assert "cpu_subpixel_upsample" in jax.jit(ours).lower(x, w).as_text(debug_info=True)
+    assert _rel(jax.jit(ours)(x, w), jax.jit(xla)(x, w)) < 1e-6
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * g)
+
+    (dx, dw), (ref_dx, ref_dw) = jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), jax.jit(jax.grad(loss(xla), (0, 1)))(x, w)
+    assert _rel(dx, ref_dx) < 1e-6 and _rel(dw, ref_dw) < 1e-6
+
+
+def test_subpixel_upsample_only_where_it_pays():
+    def text(x, **kw):
+        w = jnp.zeros((3, 3, 8, 8), x.dtype)
+        return jax.jit(lambda x, w: conv.upsample2x_conv(x, w, **kw)).lower(x, w).as_text(debug_info=True)
+
+    big = jnp.zeros((1, 32, 32, 8))
+    assert "cpu_subpixel_upsample" not in text(big)  # not compiled for CPU
+    assert "cpu_subpixel_upsample" not in text(big.astype(jnp.bfloat16), for_cpu=True)  # bfloat16: the plain form
+    assert "cpu_subpixel_upsample" not in text(jnp.zeros((1, 16, 16, 8)), for_cpu=True)  # small: the 2x2 convs lose
+    assert "cpu_subpixel_upsample" in text(big, for_cpu=True)
+
+
+def test_upsample2d_matches_diffusers():
+    """Upsample2D (nearest 2x, then its 3x3 convolution) built for CPU, where it takes the sub-pixel form, against
+    diffusers' Upsample2D with the same weights."""
+    import torch
+    from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
+    from flax import nnx
+
+    from ipadapter_jax.models.resnet import Upsample2D
+    from ipadapter_jax.models.target import set_target
+
+    ours = Upsample2D(8, rngs=nnx.Rngs(0))
+    set_target(ours, "cpu")
+    ref = TorchUpsample2D(8, use_conv=True)
+    with torch.no_grad():
+        ref.conv.weight.copy_(torch.from_numpy(np.asarray(ours.conv.kernel[...]).transpose(3, 2, 0, 1).copy()))
+        ref.conv.bias.copy_(torch.from_numpy(np.asarray(ours.conv.bias[...])))
+    x = np.random.default_rng(4).standard_normal((2, 32, 36, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    step = jax.jit(lambda x: ours(x))
+    assert "cpu_subpixel_upsample" in step.lower(jnp.asarray(x)).as_text(debug_info=True)
+    assert _rel(step(jnp.asarray(x)), expected) < 1e-5
