@@ -45,12 +45,14 @@ def _faults(mode: str) -> dict:
 
 
 def test_freed_blocks_are_reused_without_new_page_faults():
-    pages = 256 * 2**20 // 4096  # 65,536 pages of 4 KiB (fewer if the kernel gives huge pages)
+    pages = 256 * 2**20 // 4096  # 65,536 pages of 4 KiB
     default, retained = _faults("default"), _faults("retain")
     if not retained["applied"]:
         pytest.skip("not glibc: mallopt cannot keep freed memory here")
-    assert min(default["faults"][1:]) > pages // 2, default  # fresh pages every time
     assert max(retained["faults"][1:]) < pages // 50, retained  # the first run's pages serve the later ones
+    # By default every run maps fresh pages (65,537 faults of 4 KiB; about 129 where the kernel hands out huge
+    # pages unasked, transparent_hugepage=always), the retained runs none.
+    assert min(default["faults"][1:]) > max(retained["faults"][1:]), (default, retained)
 
 
 def test_retains_only_in_an_owned_process_with_room(monkeypatch):
