@@ -21,6 +21,21 @@ from clip_fixture import clip_folder  # noqa: E402, F401 (a fixture of the evalu
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The longest test files (`pytest --durations=0`, summed per file, 2-core AMD EPYC), longest first. The workers
+# take whole files in collection order (`--dist loadfile --no-loadscope-reorder`), so these start first and the
+# workers finish together; by default xdist queues files with the most tests first, and the 3-minute world
+# learning test, two tests in one file, started last and ran alone at the end.
+LONGEST_FILES = ("tests/world/test_learning.py", "tests/planning/test_tpu_plan.py",
+                 "tests/training/test_two_process.py", "tests/training/test_sharded.py",
+                 "tests/models/test_ip_controls.py", "tests/pipelines/test_image_prompt_controls.py",
+                 "tests/models/test_unet.py", "tests/pipelines/test_pipeline_parity.py",
+                 "tests/training/test_torch_parity.py", "tests/models/test_unet_loading.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest as collected
+
 
 @pytest.fixture(scope="session")
 def torch():

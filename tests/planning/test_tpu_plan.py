@@ -59,11 +59,11 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     assert r["topology"] == "v5e:2x2" and r["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp}
     assert r["fits"] and 0 < r["hbm_used_bytes_per_chip"] < r["hbm_capacity_bytes_per_chip"]
     assert r["hbm_argument_bytes"] > 0 and r["hbm_temp_bytes"] > 0
-    assert r["flops_per_chip_step"] > 1e9 and 0 < r["est_step_s"] < 1 and 0 < r["est_mfu"] < 1
+    assert r["flops_per_chip_step"] > 1e8 and 0 < r["est_step_s"] < 1 and 0 < r["est_mfu"] < 1  # ~5e8 at 128x128
     assert r["images_per_s"] > 0
     kernels = r["kernels"]
     names = {"ipadapter_flash_fwd"} | ({"ipadapter_flash_bwd"} if job == "train" else set())
-    assert names <= set(kernels)  # the 1024-token self-attention runs our Pallas kernels
+    assert names <= set(kernels)  # our Pallas kernels (chosen by auto for 1024 tokens, or by name)
     for k in kernels.values():  # declared costs: issued work (128-lane heads) above the useful math
         assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
     assert 0 < r["kernel_time_share"] < 1
