@@ -59,7 +59,9 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     assert r["topology"] == "v5e:2x2" and r["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp}
     assert r["fits"] and 0 < r["hbm_used_bytes_per_chip"] < r["hbm_capacity_bytes_per_chip"]
     assert r["hbm_argument_bytes"] > 0 and r["hbm_temp_bytes"] > 0
-    assert r["flops_per_chip_step"] > 1e8 and 0 < r["est_step_s"] < 1 and 0 < r["est_mfu"] < 1  # ~5e8 at 128x128
+    # The bound that held at 256 x 256, scaled with the pixels (the fsdp step compiles at 128 x 128: ~5e8)
+    assert r["flops_per_chip_step"] > 1e9 * (r["resolution"] / 256) ** 2
+    assert 0 < r["est_step_s"] < 1 and 0 < r["est_mfu"] < 1
     assert r["images_per_s"] > 0
     kernels = r["kernels"]
     names = {"ipadapter_flash_fwd"} | ({"ipadapter_flash_bwd"} if job == "train" else set())

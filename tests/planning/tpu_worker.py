@@ -98,8 +98,8 @@ def main(topology: str) -> None:
                                           "model.variant=base", "model.dtype=bfloat16", f"data.resolution={size}",
                                           "global_batch_size=8", "total_steps=1000", f"mesh.fsdp={fsdp}",
                                           f"model.remat={remat}", f"model.attention={attention}"])
-        print(json.dumps({"job": "train", "fsdp": fsdp, **json.loads(dumps(plan_train(config, topology)))}),
-              flush=True)
+        print(json.dumps({"job": "train", "fsdp": fsdp, "resolution": size,
+                          **json.loads(dumps(plan_train(config, topology)))}), flush=True)
     # mesh: auto and remat: auto, with a global batch (2) that does not split over the 4 chips
     config = load_train_config(None, [f"model.base={root}", f"model.image_encoder={root / 'image_encoder'}",
                                       "model.variant=base", "model.dtype=bfloat16", f"data.resolution={SMALL}",
@@ -109,7 +109,8 @@ def main(topology: str) -> None:
     settings = GenerateSettings(height=RESOLUTION, width=RESOLUTION, steps=20, batch_per_chip=1, adapter="plus",
                                 fsdp=2)
     estimate = plan_generate(str(root), settings, topology, str(root / "image_encoder"))
-    print(json.dumps({"job": "generate", "fsdp": 2, **json.loads(dumps(estimate))}), flush=True)
+    print(json.dumps({"job": "generate", "fsdp": 2, "resolution": RESOLUTION, **json.loads(dumps(estimate))}),
+          flush=True)
 
 
 if __name__ == "__main__":
