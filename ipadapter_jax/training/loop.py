@@ -326,10 +326,17 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
         raise ConfigError("The workdir's checkpoints were not written by ipadapter-jax training; use a new workdir.")
     model_lib.check_adapter_compatible_dicts(now["adapter_spec"], saved.get("adapter_spec", {}))
     for dotted in _RESUME_KEYS:
-        a, b = _get(saved["config"], dotted), _get(now["config"], dotted)
+        # The global batch as run: `mesh: auto` raises it to split over the chips (planning/search.py).
+        which = "resolved_config" if dotted == "global_batch_size" else "config"
+        a, b = _get(saved.get(which, saved["config"]), dotted), _get(now[which], dotted)
         if a != b:
+            fix = "needs the same value (or use a new workdir)"
+            if _get(saved["config"], dotted) == _get(now["config"], dotted):  # same recipe, other chip count
+                steps = _get(saved.get(which, saved["config"]), "total_steps")
+                fix = (f"needs the same global batch: mesh: auto fits it to the chip count, so resume on as many "
+                       f"devices as the run started on, or set global_batch_size={a} total_steps={steps}")
             raise ConfigError(f"{dotted} was {a!r} when this workdir's run started and is {b!r} now; resuming "
-                              "needs the same value (or use a new workdir).")
+                              f"{fix}.")
     for key, fingerprint in now.get("fingerprints", {}).items():
         before = saved.get("fingerprints", {}).get(key)
         if before is not None and before != fingerprint:

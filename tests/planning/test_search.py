@@ -127,3 +127,26 @@ def test_plan_compiles_the_next_candidate_when_the_compiler_refuses(base_root):
     tried.clear()
     with pytest.raises(UserError, match="refused the 3 best-ranked choices for 8 images on v5e-4"):
         plan.first_accepted(found, lambda resolved: plan_one(resolved, refuse=99), "v5e-4")
+
+
+def test_resuming_where_auto_fits_the_batch_to_another_chip_count_is_refused(base_root):
+    """A run started under `mesh: auto` on 4 chips raised 6 images to 8; on 2 chips the same recipe keeps 6. The
+    resumed run would change its global batch (the data order and the update), so it is refused, with the fix."""
+    from ipadapter_jax.config import to_dict
+    from ipadapter_jax.training.loop import RECORD_FORMAT, check_resumable
+
+    def record(config, devices):  # what train() writes beside its checkpoints
+        resolved, _ = search.choose(config, devices)
+        return {"format": RECORD_FORMAT, "config": to_dict(config), "resolved_config": to_dict(resolved),
+                "adapter_spec": {}}
+
+    recipe = _config(base_root, "mesh=auto", "global_batch_size=6")
+    on_four = record(recipe, jax.devices()[:4])
+    assert on_four["resolved_config"]["global_batch_size"] == 8
+    check_resumable(on_four, record(recipe, jax.devices()[4:8]))  # as many chips, other ones: resumes
+    with pytest.raises(ConfigError, match=r"global_batch_size was 8 when this workdir's run started and is 6 now; "
+                                          r".*set global_batch_size=8 total_steps=750"):
+        check_resumable(on_four, record(recipe, jax.devices()[:2]))
+    # the fix it names resumes on 2 chips
+    check_resumable(on_four, record(_config(base_root, "mesh=auto", "global_batch_size=8", "total_steps=750"),
+                                    jax.devices()[:2]))
