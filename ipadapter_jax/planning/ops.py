@@ -95,6 +95,17 @@ def op_costs(hlo_text: str) -> list[OpCost]:
     return out
 
 
+_JOINS = re.compile(r'custom-call\([^\n]*custom_call_target="ConcatBitcast"')
+
+
+def unpriced_joins(hlo_text: str) -> int:
+    """How many `ConcatBitcast` custom calls of a compiled module carry no estimate. The TPU compiler emits them
+    to view the slices of an array it prefetched piece by piece (async `slice-start`/`slice-done` into adjacent
+    buffers) as one buffer: a bitcast, no data moves. This libtpu prices each one at -1 s on v5e and v6e."""
+    return sum(1 for chunk in _INSTRUCTION.split(hlo_text)
+               if _JOINS.search(chunk) and not _CYCLES.search(chunk))
+
+
 def summary(ops: list[OpCost], top: int = 12, kernel_share: float = 0.0) -> dict:
     """Share of the step by kind, the most expensive operations, and the unpriced ones; custom kernels take
     `kernel_share` of the step, the XLA operations the rest in proportion to their cycles."""

@@ -134,12 +134,18 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
     notes = list(notes or [])
     seconds = float(cost.get("optimal_seconds", 0.0))
     if seconds < 0:
-        # This libtpu prices an operation it cannot model (seen on v5e/v6e, for XLA's own attention fusions too)
-        # at -1 s. A step under a second with N of them reads between -N and 1 - N: add N back, pricing them at 0.
+        # This libtpu prices an operation it cannot model at -1 s: on v5e the ConcatBitcast joins of prefetched
+        # weight slices (free in fact: ops.unpriced_joins), and narrow-head Mosaic kernels on v5e/v6e. A step
+        # under a second with N of them reads between -N and 1 - N: add N back, pricing them at 0.
         unpriced = math.ceil(-seconds)
         seconds += unpriced
-        notes.append(f"the compiler could not price {unpriced} operation(s) on this chip (it returns -1 s for "
-                     "each); they are counted as free, so the time is a lower bound and MFU an upper bound")
+        joins = min(ops.unpriced_joins(text), unpriced)  # bitcasts: free in fact
+        if joins:
+            notes.append(f"{joins} ConcatBitcast operation(s) carry no price on this chip (-1 s each); they view "
+                         "slices of a prefetched array as one buffer without moving data, so they count as 0 s")
+        if unpriced > joins:
+            notes.append(f"the compiler could not price {unpriced - joins} operation(s) on this chip (it returns -1 "
+                         "s for each); they are counted as free, so the time is a lower bound and MFU an upper bound")
     estimate = Estimate(
         program=program.name, topology=topology.name, accelerator_type=topology.accelerator_type,
         mesh={str(a): int(n) for a, n in mesh.shape.items()},

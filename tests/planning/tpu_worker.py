@@ -84,6 +84,30 @@ def lanes_check() -> dict:
             "transposes": text.count(" transpose(")}
 
 
+def joins_check(topology: str) -> dict:
+    """Eight 1280x1280 bfloat16 matrix products for one chip of the slice: on v5e the compiler prefetches a weight
+    in row slices joined by a `ConcatBitcast`, which its cost model prices at -1 s; planning/ops.py counts them."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.planning import parse_topology
+    from ipadapter_jax.planning.ops import unpriced_joins
+
+    def chain(weights, x):
+        for w in weights:
+            x = jax.nn.gelu(x @ w)
+        return x
+
+    one = NamedSharding(jax.sharding.Mesh(parse_topology(topology).devices()[:1], ("data",)), P())
+    weights = [jax.ShapeDtypeStruct((1280, 1280), jnp.bfloat16, sharding=one)] * 8
+    compiled = jax.jit(chain).lower(weights, jax.ShapeDtypeStruct((4096, 1280), jnp.bfloat16, sharding=one)).compile()
+    cost = compiled.cost_analysis()
+    return {"job": "joins", "optimal_seconds": cost["optimal_seconds"], "flops": cost["flops"],
+            "joins": unpriced_joins(compiled.as_text())}
+
+
 def main(topology: str) -> None:
     from ipadapter_jax.planning import GenerateSettings, plan_generate, plan_train
     from ipadapter_jax.planning.report import dumps
@@ -91,6 +115,7 @@ def main(topology: str) -> None:
 
     print(json.dumps(hlo_check(topology)), flush=True)
     print(json.dumps(lanes_check()), flush=True)
+    print(json.dumps(joins_check(topology)), flush=True)
     root = write_base(Path(tempfile.mkdtemp()))
     # a data mesh, then data x fsdp (the UNet split)
     for fsdp, remat, size, attention in ((1, "dots_no_batch", RESOLUTION, "auto"), (2, "none", SMALL, "pallas")):
