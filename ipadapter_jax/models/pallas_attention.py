@@ -6,14 +6,16 @@ classic two-kernel split (dK/dV, then dQ; `fused_backward=False`) issues 14, est
 Layout: rows (B*H, L, D). Query and key lengths are padded to whole blocks (padded keys are masked, padded
 queries are sliced off); the head width is padded with zeros to the 128-lane width (`pad_head=True`, SD1.5's
 40 -> 128, SDXL's 64 -> 128) or kept as the block's full last dimension, which Mosaic pads in registers
-(`pad_head=False`): the MXU does the same work either way, the second moves fewer bytes through HBM. Chosen by
-the compiler's estimates (bench/tpu_kernel_results.json): narrow on v5p, faster at every SD1.5 and SDXL shape;
-padded on v5e and v6e, faster there, and the only layout their cost model can price at SD sizes (narrow
-kernels come back without an estimate). `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the
-projections write them (models/pallas_lanes.py): no transposes around the kernels; on v5p the compiler
-estimates it 3-27% faster per call than narrow rows, on v5e it cannot price it; but the whole SD1.5 training
-step is estimated 17% slower with it on v5p, so `sharded_flash_attention` picks narrow rows on v5p and padded
-rows elsewhere, from the mesh's device kind (lanes only when asked for).
+(`pad_head=False`): the MXU does the same work either way, the second moves fewer bytes through HBM and needs
+no pad of q, k and v before the kernels. Chosen by the compiler's estimates: narrow on every TPU. Per call
+(bench/tpu_kernel_results.json) narrow beats padded at every SD1.5 and SDXL shape on v5p, and on v5e and v6e too
+once the `ConcatBitcast` joins that their cost model prices at -1 s are counted at 0 s (planning/ops.py; read
+before that, v5e and v6e had looked unpriceable for narrow kernels); the whole SDXL generation step on v5e
+(1024², 2 per chip) is estimated at 242.4 ms with narrow heads against 256.5 ms padded, whose pads took 13% of
+it. `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the projections write them
+(models/pallas_lanes.py): no transposes around the kernels; the compiler estimates it 3-27% faster per call
+than narrow rows on v5p, but the whole SD1.5 training step 17% slower there, so `sharded_flash_attention` picks
+narrow rows (lanes only when asked for).
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -37,7 +39,6 @@ LANES = 128
 KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq", "ipadapter_flash_bwd")
 _MASKED = -1e30  # logits of padded keys: exp() underflows to exactly 0
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-NARROW_HEADS = ("TPU v5",)  # device kinds whose kernels keep heads narrow (v5p; "TPU v5 lite" is v5e), see above
 
 
 def _round_up(x: int, m: int) -> int:
@@ -370,13 +371,11 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     context mesh the program is taken to run on one device.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    narrow = getattr(device, "device_kind", None) in NARROW_HEADS
-    # Rows everywhere: narrow heads on v5p, 128-lane heads elsewhere (see above). Heads in the lanes are faster per
-    # attention call on v5p, but the whole SD1.5 training step (8 per chip, v5p:2x2x1) is estimated at 76.9 ms with
-    # them against 65.6 ms with narrow rows: the layouts XLA picks around the kernels cost more than they save.
+    # Narrow rows on every TPU (see above). Heads in the lanes are faster per attention call on v5p, but the whole
+    # SD1.5 training step (8 per chip, v5p:2x2x1) is estimated at 76.9 ms with them against 65.6 ms with narrow
+    # rows: the layouts XLA picks around the kernels cost more than they save.
     kwargs.setdefault("lanes", False)
-    kwargs.setdefault("pad_head", not narrow)
+    kwargs.setdefault("pad_head", False)
     axes = () if mesh.empty else tuple(
         a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
     size = 1

@@ -10,6 +10,7 @@ import time
 
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.planning import bases, report, steps
+from ipadapter_jax.planning import flops as flops_lib
 from ipadapter_jax.planning import search as search_lib
 from ipadapter_jax.planning.topology import INSTALL_HINT, Topology, parse_topology
 from ipadapter_jax.training.config import TrainConfig, load_train_config
@@ -95,6 +96,8 @@ def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices:
     compiled, seconds = _compile(program, topology, TRAIN_ADVICE)
     estimate = report.analyse(program, compiled, topology, seconds, total_steps=config.total_steps, notes=notes)
     estimate.remat = config.model.remat
+    if config.model.remat != "none":
+        leave_out_recomputation(estimate, config, program, base, encoder, mesh)
     if accum > 1:
         estimate.est_step_s *= accum
         estimate.flops_per_chip_step *= accum
@@ -104,6 +107,22 @@ def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices:
     if not estimate.fits:
         estimate.notes.append(f"does not fit ({estimate.batch_per_chip:g} per chip now): {TRAIN_ADVICE}")
     return estimate
+
+
+def leave_out_recomputation(estimate: report.Estimate, config: TrainConfig, program: steps.Program, base, encoder,
+                            mesh) -> None:
+    """The compiler counts the forward work a remat policy recomputes; MFU must not. Scale the model FLOPs by the
+    traced gradient's FLOPs without remat over those with the policy (planning/flops.py: matrix products,
+    convolutions and kernels; within a point of the compiled ratio on the tiny UNet)."""
+    plain = steps.train_program(dataclasses.replace(config, model=dataclasses.replace(config.model, remat="none")),
+                                base, encoder, mesh)
+    kept, done = flops_lib.gradient_flops(*plain.loss, mesh), flops_lib.gradient_flops(*program.loss, mesh)
+    if done <= kept:
+        return
+    estimate.recompute_share = 1.0 - kept / done
+    estimate.model_flops_per_chip_step *= kept / done
+    estimate.notes.append(f"model FLOPs (and MFU) leave out the forward work remat {config.model.remat} recomputes: "
+                          f"{100 * estimate.recompute_share:.0f}% of the gradient's FLOPs, counted in the traced step")
 
 
 def plan_generate(base_name: str, settings: steps.GenerateSettings, topology: Topology | str,

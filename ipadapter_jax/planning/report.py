@@ -73,6 +73,9 @@ class Estimate:
     total_steps: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     remat: str | None = None  # training: the remat policy compiled
+    # Training under remat: the share of the compiled FLOPs that recompute the forward (traced, planning/flops.py),
+    # left out of model_flops_per_chip_step.
+    recompute_share: float = 0.0
     # Share of the compiler's estimated cycles by kind of operation (planning/ops.py): where the step goes.
     time_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
