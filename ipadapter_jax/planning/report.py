@@ -137,9 +137,9 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
     notes = list(notes or [])
     seconds = float(cost.get("optimal_seconds", 0.0))
     if seconds < 0:
-        # This libtpu prices an operation it cannot model at -1 s: on v5e the ConcatBitcast joins of prefetched
-        # weight slices (free in fact: ops.unpriced_joins), and narrow-head Mosaic kernels on v5e/v6e. A step
-        # under a second with N of them reads between -N and 1 - N: add N back, pricing them at 0.
+        # This libtpu prices an operation it cannot model at -1 s. On v5e and v6e every one seen so far is a
+        # ConcatBitcast join of prefetched slices (free in fact: ops.unpriced_joins). A step under a second with
+        # N of them reads between -N and 1 - N: add N back, pricing them at 0; any others leave a bound.
         unpriced = math.ceil(-seconds)
         seconds += unpriced
         joins = min(ops.unpriced_joins(text), unpriced)  # bitcasts: free in fact
