@@ -109,7 +109,8 @@ def attention(q_BLHD, k_BSHD, v_BSHD, implementation: Implementation | Attention
 
     `implementation`: a name, or the `AttentionPolicy` of a model built for a target platform, which picks one
     from the shapes and dtype (`models/attention_policy.py`); "auto" without a platform is the XLA path."""
-    implementation = as_policy(implementation).choose(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype)
+    policy = as_policy(implementation)
+    implementation = policy.choose(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
     if implementation == "chunked":
@@ -118,7 +119,7 @@ def attention(q_BLHD, k_BSHD, v_BSHD, implementation: Implementation | Attention
     if implementation == "pallas":
         from ipadapter_jax.models.pallas_attention import sharded_flash_attention
 
-        out = sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD)
+        out = sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, lanes=policy.lanes)
         return _plain(q_BLHD, k_BSHD, v_BSHD) if out is None else out
     return _plain(q_BLHD, k_BSHD, v_BSHD)
 

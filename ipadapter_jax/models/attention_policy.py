@@ -11,7 +11,10 @@ traced, so no choice depends on catching a failure.
   as `jax.nn.dot_product_attention` requires on every GPU generation), XLA otherwise (SD1.5's 160-wide heads);
 - tpu: our Pallas flash-attention kernels (`models/pallas_attention.py`) when both sequences are long (the
   UNet's and VAE's self-attention at 32x32 latents and above), XLA otherwise: cross-attention to 77 text or a
-  few image tokens, CLIP and the 16x16 level, whose score matrices are small;
+  few image tokens, CLIP and the 16x16 level, whose score matrices are small. The kernels keep the heads in the
+  lanes, (B, L, H*D) as the projections write them, or as rows (B*H, L, D) (`lanes`, set by
+  `models/target.set_target` from the chip: rows on v5p, lanes on v5e and v6e), whichever the compiler
+  estimates faster for whole programs there (bench/tpu_notes.md);
 - no platform given: XLA everywhere (portable, no target-specific path).
 """
 
@@ -41,6 +44,7 @@ class AttentionPolicy:
 
     requested: Implementation = "auto"
     platform: str | None = None
+    lanes: bool = True  # TPU kernels: heads in the lanes (B, L, H*D), else rows (B*H, L, D)
 
     def __post_init__(self):
         if self.requested not in IMPLEMENTATIONS:
@@ -49,8 +53,8 @@ class AttentionPolicy:
         if self.platform is not None and self.platform not in PLATFORMS:
             raise ConfigError(f"platform {self.platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
 
-    def for_platform(self, platform: str | None) -> AttentionPolicy:
-        return dataclasses.replace(self, platform=platform)
+    def for_platform(self, platform: str | None, *, lanes: bool = True) -> AttentionPolicy:
+        return dataclasses.replace(self, platform=platform, lanes=lanes)
 
     def choose(self, q_shape, k_shape, dtype) -> str:
         """The implementation for queries (B, L, H, D) and keys (B, S, H, D) of `dtype`."""

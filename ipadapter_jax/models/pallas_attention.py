@@ -13,9 +13,12 @@ once the `ConcatBitcast` joins that their cost model prices at -1 s are counted 
 before that, v5e and v6e had looked unpriceable for narrow kernels); the whole SDXL generation step on v5e
 (1024², 2 per chip) is estimated at 242.4 ms with narrow heads against 256.5 ms padded, whose pads took 13% of
 it. `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the projections write them
-(models/pallas_lanes.py): no transposes around the kernels; the compiler estimates it 3-27% faster per call
-than narrow rows on v5p, but the whole SD1.5 training step 17% slower there, so `sharded_flash_attention` picks
-narrow rows (lanes only when asked for).
+(models/pallas_lanes.py): no transposes around the kernels. The compiler estimates it faster per call than narrow
+rows on every TPU. Compiled whole, lanes win on v5e and v6e (SDXL generation at 1024², 2 per chip: v5e 226.4
+against 242.7 ms, v6e 69.4 against 81.2 ms; SD1.5 training on v5e-256 33.8 against 35.1 ms) and lose on v5p
+(SD1.5 training at 8 per chip 76.9 against 65.6 ms, SDXL generation 113.4 against 107.0 ms): there the XLA
+operations around the kernels get slower by more than the transposes they save. The caller says which
+(`AttentionPolicy.lanes`, from the chip the program is compiled for: `models/target.py`).
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -115,8 +118,8 @@ def useful_flops(t: Tiling) -> dict[str, int]:
 
 
 def _meta(t: Tiling, name: str) -> dict[str, str]:
-    # Read back from the compiled HLO by the planner (planning/report.py) to report model FLOPs.
-    return {"useful_flops": str(useful_flops(t)[name])}
+    # Read back from the compiled HLO by the planner (planning/report.py): model FLOPs, and the heads' layout.
+    return {"useful_flops": str(useful_flops(t)[name]), "layout": "lanes" if t.lanes else "rows"}
 
 
 def _masked_logits(q, k, kv_block, t: Tiling):
@@ -371,11 +374,7 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     context mesh the program is taken to run on one device.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    # Narrow rows on every TPU (see above). Heads in the lanes are faster per attention call on v5p, but the whole
-    # SD1.5 training step (8 per chip, v5p:2x2x1) is estimated at 76.9 ms with them against 65.6 ms with narrow
-    # rows: the layouts XLA picks around the kernels cost more than they save.
-    kwargs.setdefault("lanes", False)
-    kwargs.setdefault("pad_head", False)
+    kwargs.setdefault("pad_head", False)  # narrow rows unless the caller asks for lanes (see above)
     axes = () if mesh.empty else tuple(
         a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
     size = 1

@@ -182,7 +182,7 @@ def _backward(q, k, v, do, lse, delta, t: Tiling):
 
 
 def _meta(t: Tiling, index: int) -> dict[str, str]:
-    return {"useful_flops": str(useful_flops(t)[KERNEL_NAMES[index]])}
+    return {"useful_flops": str(useful_flops(t)[KERNEL_NAMES[index]]), "layout": "lanes"}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

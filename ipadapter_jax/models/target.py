@@ -29,18 +29,38 @@ def platform_of(mesh_or_devices) -> str:
     return platform
 
 
-def set_target(root: nnx.Module, platform: str | None) -> None:
-    """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`)."""
+# TPU chips whose programs keep the Pallas kernels' heads as rows. Compiled whole, every v5p program estimates
+# rows faster (SD1.5 training at 2 and 8 per chip, SDXL training at 1, SDXL generation at 2: 107.0 against
+# 113.4 ms), every v5e and v6e program lanes (SDXL generation on v5e 226.4 against 242.7 ms, on v6e 69.4 against
+# 81.2; SD1.5 generation on v5e; SD1.5 and SDXL training on v5e-256), bench/tpu_notes.md. Other chips take lanes, which
+# every chip estimates faster per kernel call.
+ROWS_CHIPS = ("v5p",)
+_CHIPS = {"tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v6 lite": "v6e", "tpu v6e": "v6e", "tpu v5": "v5p",
+          "tpu v5p": "v5p", "tpu v4": "v4"}
+
+
+def chip_of(mesh_or_devices) -> str | None:
+    """The TPU generation of a mesh's (or a device list's) chips ("v4", "v5e", "v5p", "v6e"), None for other
+    devices and unknown kinds (libtpu's compile-only devices report the same kinds as real ones)."""
+    devices = getattr(mesh_or_devices, "devices", mesh_or_devices)
+    kinds = {str(getattr(d, "device_kind", "")).lower() for d in np.asarray(devices, dtype=object).flat}
+    return _CHIPS.get(kinds.pop()) if len(kinds) == 1 else None
+
+
+def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = None) -> None:
+    """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`); a TPU `chip`
+    (`chip_of(mesh)`) picks the attention kernels' layout (heads as rows on `ROWS_CHIPS`, in the lanes elsewhere)."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d
 
     cpu = platform == "cpu"
+    lanes = chip not in ROWS_CHIPS
     # Assign only what changes: a module attribute assignment runs flax's checks, and a model built for the mesh's
     # platform (as loads do) then costs one walk over its modules.
     for _, module in nnx.iter_modules(root):
         if isinstance(module, Conv2d) and module.for_cpu != cpu:
             module.for_cpu = cpu
         policy = getattr(module, "attention_impl", None)
-        if isinstance(policy, AttentionPolicy) and policy.platform != platform:
-            module.attention_impl = policy.for_platform(platform)
+        if isinstance(policy, AttentionPolicy) and (policy.platform, policy.lanes) != (platform, lanes):
+            module.attention_impl = policy.for_platform(platform, lanes=lanes)

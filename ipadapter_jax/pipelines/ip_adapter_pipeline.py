@@ -37,7 +37,7 @@ from ipadapter_jax.generation.image_features import image_processor_for, pixel_v
 from ipadapter_jax.ip_adapter import IPAdapter, attach, check_image_encoder, merge_faceid_lora
 from ipadapter_jax.models.attention import Implementation
 from ipadapter_jax.models.ip_conditioning import IPConditioning
-from ipadapter_jax.models.target import platform_of, set_target
+from ipadapter_jax.models.target import chip_of, platform_of, set_target
 from ipadapter_jax.pipelines.components import BaseModels, load_base, load_controlnets
 from ipadapter_jax.pipelines.control_inputs import control_items, control_rows, per_controlnet
 from ipadapter_jax.pipelines.image_prompt import ImagePrompt, combine_features, ip_masks
@@ -86,7 +86,7 @@ class IPAdapterPipeline:
         self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
         for model in (base.unet, base.vae, *base.text_encoders, image_encoder, *self.controlnets):
             if model is not None:  # kernels and layouts for the platform of the mesh's devices
-                set_target(model, platform_of(self.mesh))
+                set_target(model, platform_of(self.mesh), chip=chip_of(self.mesh))
         replicated = None if sharded_params else NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
         self._unet = stages.Bound.of(base.unet, replicated)

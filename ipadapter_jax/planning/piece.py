@@ -22,6 +22,7 @@ from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.remat import set_remat
+from ipadapter_jax.models.target import chip_of, set_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 
@@ -50,6 +51,7 @@ def piece_program(config: UNetConfig, s: PieceSettings, mesh: Mesh, platform: st
     """(jitted, abstract args): loss of the piece and its gradients, lowered under `mesh` by the caller."""
     unet = abstract_model(lambda: UNet2DConditionModel(config, num_ip_adapters=1, attention_impl=s.attention,
                                                        platform=platform, dtype=s.dtype, rngs=nnx.Rngs(0)))
+    set_target(unet, platform, chip=chip_of(mesh))  # kernels and layouts as the training step has them
     level = attention_level(config)
     n = len(config.block_out_channels)
     down, up = unet.down_blocks[level], unet.up_blocks[n - 1 - level]

@@ -15,6 +15,7 @@ from ipadapter_jax.planning.topology import Topology
 
 _COST = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"(\d+)","bytes_accessed":"(\d+)"')
 _USEFUL = re.compile(r'"useful_flops":"(\d+)"')
+_LAYOUT = re.compile(r'"layout":"(\w+)"')
 _NAME = re.compile(r"%([\w.\-]+) = .*custom-call\(", re.DOTALL)
 _INSTRUCTION = re.compile(r"\n(?=\s*(?:ROOT\s+)?%[\w.\-]+ = )")
 
@@ -25,6 +26,7 @@ class KernelCost:
     flops: float = 0.0  # as declared: the matrix-unit work issued, padding included
     useful_flops: float = 0.0  # the attention math at its real sizes
     bytes: float = 0.0
+    layout: str = ""  # the attention kernels' head layout, "rows" or "lanes" ("mixed": both in one program)
 
 
 def kernel_costs(hlo_text: str) -> dict[str, KernelCost]:
@@ -43,6 +45,9 @@ def kernel_costs(hlo_text: str) -> dict[str, KernelCost]:
         k.flops += float(cost.group(1))
         k.bytes += float(cost.group(3))
         k.useful_flops += float(useful.group(1)) if useful else float(cost.group(1))
+        layout = _LAYOUT.search(line)
+        if layout:
+            k.layout = layout.group(1) if k.layout in ("", layout.group(1)) else "mixed"
     return out
 
 
@@ -186,7 +191,8 @@ def table(e: Estimate) -> str:
         ("step time (compiler's estimate)", f"{e.est_step_s * 1e3:.2f} ms"),
         ("MFU (compiler's estimate)", f"{100 * e.est_mfu:.1f}% of {e.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16"),
         ("custom kernels (declared)", f"{100 * e.kernel_time_share:.1f}% of the step, "
-                                      + (", ".join(f"{n} x{k.calls}" for n, k in e.kernels.items()) or "none")),
+                                      + (", ".join(f"{n} x{k.calls}" + (f" ({k.layout})" if k.layout else "")
+                                                  for n, k in e.kernels.items()) or "none")),
         ("where the step goes (estimate)", ", ".join(f"{k} {100 * v:.0f}%" for k, v in e.time_by_kind.items())),
         ("images/s, whole slice (estimate)", f"{e.images_per_s:,.1f}"),
         ("compile time", f"{e.compile_seconds:.0f} s"),

@@ -24,7 +24,7 @@ from ipadapter_jax.models.image_proj import build_image_proj
 from ipadapter_jax.models.ip_conditioning import IPConditioning
 from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.remat import set_remat
-from ipadapter_jax.models.target import platform_of
+from ipadapter_jax.models.target import chip_of, platform_of, set_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.planning.bases import BaseArchitecture
 from ipadapter_jax.schedulers import alphas_cumprod_for_config, make_scheduler
@@ -70,11 +70,13 @@ def _sds(x, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _abstract_unet(base: BaseArchitecture, *, dtype, attention: str, remat: str | None, platform: str,
+def _abstract_unet(base: BaseArchitecture, *, dtype, attention: str, remat: str | None, mesh: Mesh,
                    num_ip_adapters: int = 1) -> UNet2DConditionModel:
+    platform = platform_of(mesh)
     unet = abstract_model(lambda: UNet2DConditionModel(base.unet, num_ip_adapters=num_ip_adapters,
                                                        attention_impl=attention, platform=platform, dtype=dtype,
                                                        rngs=nnx.Rngs(0)))
+    set_target(unet, platform, chip=chip_of(mesh))  # as train and batch build theirs
     if remat:
         set_remat(unet, remat)
     return unet
@@ -87,9 +89,8 @@ def train_program(config: TrainConfig, base: BaseArchitecture, encoder, mesh: Me
     if gbs // accum % mesh.size:
         raise ConfigError(f"The microbatch ({gbs} / {accum} accumulation steps) must split evenly over the "
                           f"{mesh.size} chips; set global_batch_size to a multiple of {mesh.size * accum}.")
-    platform = platform_of(mesh)
     m = config.model
-    unet = _abstract_unet(base, dtype=as_dtype(m.dtype), attention=m.attention, remat=m.remat, platform=platform)
+    unet = _abstract_unet(base, dtype=as_dtype(m.dtype), attention=m.attention, remat=m.remat, mesh=mesh)
     spec = model_lib.adapter_spec(m, base.unet, encoder)
     adapter_dtype = as_dtype(m.adapter_dtype)
     proj = abstract_model(lambda: build_image_proj(spec, dtype=adapter_dtype, rngs=nnx.Rngs(0)))
@@ -177,10 +178,9 @@ def generate_program(s: GenerateSettings, base: BaseArchitecture, encoder, mesh:
     f = base.vae_scale_factor
     if s.height % f or s.width % f:
         raise ConfigError(f"height and width must be multiples of {f}, not {s.height}x{s.width}.")
-    platform = platform_of(mesh)
     dtype = as_dtype(s.dtype)
     n_adapters = 1 if s.adapter else 0
-    unet = _abstract_unet(base, dtype=dtype, attention=s.attention, remat=None, platform=platform,
+    unet = _abstract_unet(base, dtype=dtype, attention=s.attention, remat=None, mesh=mesh,
                           num_ip_adapters=n_adapters)
     graphdef, state = nnx.split(unet)
     flat, paths = model_lib.flatten(state), model_lib.flat_paths(state)

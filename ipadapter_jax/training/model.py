@@ -28,7 +28,7 @@ from ipadapter_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWi
 from ipadapter_jax.models.image_proj import build_image_proj
 from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.remat import set_remat
-from ipadapter_jax.models.target import platform_of, set_target
+from ipadapter_jax.models.target import chip_of, platform_of, set_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -181,7 +181,7 @@ def load_encoders(config: ModelConfig, info: BaseInfo, mesh: Mesh, rules) -> Enc
     image_encoder = load_image_encoder(config.image_encoder, dtype=config.dtype, attention_impl=config.attention,
                                        sharding=sharding_lib.placer(mesh, rules, "image_encoder/"))
     encoders = Encoders(vae, text_encoders, image_encoder)
-    set_target(encoders, platform_of(mesh))
+    set_target(encoders, platform_of(mesh), chip=chip_of(mesh))
     return encoders
 
 
@@ -205,7 +205,7 @@ def build_model(config: ModelConfig, mesh: Mesh, rules, *, with_encoders: bool, 
                        vae=encoders.vae if encoders else None,
                        text_encoders=tuple(encoders.text_encoders) if encoders else (),
                        image_encoder=encoders.image_encoder if encoders else None)
-    set_target(model, platform_of(mesh))  # kernels and layouts for the devices the step is compiled for
+    set_target(model, platform_of(mesh), chip=chip_of(mesh))  # kernels and layouts for the step's chips
     graphdef, trainable_state, frozen_state = nnx.split(model, IPAdapterParam, ...)
     trainable, frozen = flatten(trainable_state), flatten(frozen_state)
     shardings = sharding_lib.tree_shardings(trainable, rules, mesh)

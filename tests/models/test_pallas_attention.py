@@ -57,16 +57,17 @@ def test_kernels_match_xla_forward_and_gradients(case, fused):
         assert rel_err(a, r) < 1e-5, name
 
 
-def test_sharded_over_a_mesh_matches_xla():
+@pytest.mark.parametrize("lanes", [False, True], ids=["rows", "lanes"])
+def test_sharded_over_a_mesh_matches_xla(lanes):
     """Under `jax.set_mesh` the kernels run in shard_map, split by batch (or heads when the batch does not
-    divide): the same numbers as the unsplit XLA path."""
+    divide): the same numbers as the unsplit XLA path, with the heads as rows or in the lanes."""
     auto = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))  # as sharding.py
     explicit = jax.make_mesh((4, 2), ("data", "fsdp"), devices=jax.devices()[:8],
                              axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     for mesh, (b, h) in ((auto, (8, 2)), (auto, (2, 8)), (explicit, (8, 2))):  # split by batch, or by heads
         q, k, v = _qkv(b, 128, 128, h, 64, seed=b)
         flash = jax.jit(lambda q, k, v: pa.sharded_flash_attention(q, k, v, block_q=128, block_k=128,
-                                                                   interpret=True))
+                                                                   lanes=lanes, interpret=True))
         with jax.set_mesh(mesh):
             text = flash.lower(q, k, v).as_text()
             out = flash(q, k, v)

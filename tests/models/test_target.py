@@ -11,7 +11,7 @@ from flax import nnx
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.layers import Conv2d, abstract_model
-from ipadapter_jax.models.target import platform_of, set_target
+from ipadapter_jax.models.target import chip_of, platform_of, set_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 
@@ -23,10 +23,15 @@ TINY = UNetConfig.from_dict({
     "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8})
 
 
-def _training_gradient(platform):
+def _unet(platform, chip: str | None = None):
     unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform=platform, dtype=jnp.bfloat16,
                                                        rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(unet)
+    set_target(unet, platform, chip=chip)  # as training and the pipeline do, with the chip of their mesh
+    return nnx.split(unet)
+
+
+def _training_gradient(platform, chip: str | None = None):
+    graphdef, state = _unet(platform, chip)
 
     def loss(x, state):
         out = nnx.merge(graphdef, state)(x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16))
@@ -53,6 +58,46 @@ def test_tpu_target_traced_on_a_cpu_host_uses_the_pallas_kernels():
     assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_bwd" in jaxpr
 
 
+def _kernel_layouts(jaxpr) -> list[str]:
+    """The head layout each Pallas kernel call of a traced program records in its metadata."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(dict(eqn.params.get("metadata") or {}).get("layout"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _kernel_layouts(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _kernel_layouts(sub)
+    return found
+
+
+def test_tpu_kernels_keep_heads_as_rows_on_v5p_and_in_the_lanes_elsewhere():
+    """The layouts the TPU compiler estimates faster for whole programs on each chip (bench/tpu_notes.md), in a
+    training gradient and in a forward (generation) alike."""
+    for chip, layout in (("v5p", "rows"), ("v5e", "lanes"), ("v6e", "lanes"), (None, "lanes")):
+        grad, args = _training_gradient("tpu", chip)
+        training = _kernel_layouts(jax.make_jaxpr(grad)(*args).jaxpr)
+        graphdef, state = _unet("tpu", chip)
+        forward = _kernel_layouts(jax.make_jaxpr(lambda x, state, graphdef=graphdef: nnx.merge(graphdef, state)(
+            x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16)))(*args).jaxpr)
+        assert len(training) >= 2 and set(training) == {layout}, chip  # forward and backward kernels
+        assert len(forward) >= 1 and set(forward) == {layout}, chip
+
+
+def test_chip_of_reads_the_device_kind():
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    kinds = {"TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v4": "v4"}
+    for kind, chip in kinds.items():
+        assert chip_of([Device(kind), Device(kind)]) == chip
+    assert chip_of(jax.devices()) is None  # CPU devices
+    assert chip_of([Device("TPU v5 lite"), Device("TPU v5")]) is None  # mixed kinds: no single chip
+
+
 def test_set_target_makes_static_choices_on_every_module():
     unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform="cpu", rngs=nnx.Rngs(0)))
     convs = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Conv2d)]
@@ -62,6 +107,9 @@ def test_set_target_makes_static_choices_on_every_module():
     set_target(unet, "tpu")
     assert not any(c.for_cpu for c in convs)
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
+    assert all(a.attention_impl.lanes for a in attentions)
+    set_target(unet, "tpu", chip="v5p")
+    assert not any(a.attention_impl.lanes for a in attentions)
     with pytest.raises(ConfigError, match="quantum"):
         set_target(unet, "quantum")
 

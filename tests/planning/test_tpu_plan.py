@@ -45,6 +45,8 @@ def test_tpu_target_compiles_without_the_cpu_paths(results):
     hlo = next(r for r in results if r["job"] == "hlo")
     assert hlo["tpu_custom_call"] > 0  # the Pallas kernels, compiled by Mosaic
     assert hlo["cpu_chunked_attention"] == 0 and hlo["cpu_gemm_conv"] == 0
+    # the compile-only devices report the kinds real chips do, which pick the kernels' layout (models/target.py)
+    assert hlo["chips"] == {"v5e:2x2": "v5e", "v5p:2x2x1": "v5p", "v6e:2x2": "v6e"}
 
 
 def test_lanes_kernels_compile_for_v5p(results):
@@ -77,6 +79,7 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
     assert names <= set(kernels)  # our Pallas kernels (chosen by auto for 1024 tokens, or by name)
     for k in kernels.values():  # declared costs: issued work (128-lane heads) above the useful math
         assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
+        assert k["layout"] == "lanes"  # read back from the compiled program: heads in the lanes on v5e
     assert 0 < r["kernel_time_share"] < 1
     shares = r["time_by_kind"]  # the compiler's per-op cycles, grouped (planning/ops.py)
     assert sum(shares.values()) == pytest.approx(1.0) and shares["kernel"] > 0

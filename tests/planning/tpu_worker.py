@@ -43,6 +43,7 @@ def hlo_check(topology: str) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from ipadapter_jax.models.layers import abstract_model
+    from ipadapter_jax.models.target import chip_of
     from ipadapter_jax.models.unet import UNet2DConditionModel
     from ipadapter_jax.models.unet_config import UNetConfig
     from ipadapter_jax.planning import parse_topology
@@ -61,7 +62,9 @@ def hlo_check(topology: str) -> dict:
 
     x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.bfloat16, sharding=one)
     text = jax.jit(jax.grad(loss)).lower(x, state).as_text(debug_info=True)
-    return {"job": "hlo", **{k: text.count(k) for k in ("tpu_custom_call", "cpu_chunked_attention", "cpu_gemm_conv")}}
+    chips = {t: chip_of(parse_topology(t).devices()) for t in ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")}
+    return {"job": "hlo", "chips": chips,
+            **{k: text.count(k) for k in ("tpu_custom_call", "cpu_chunked_attention", "cpu_gemm_conv")}}
 
 
 def lanes_check() -> dict:
