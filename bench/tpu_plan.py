@@ -39,6 +39,8 @@ ROWS = [
      "train --config train/sd15_plus.yaml --topology v5p:2x2x1 global_batch_size=128"),
     ("SD1.5 Plus training, 512², mesh: auto (64 images rise to 256)", None,
      "train --config train/sd15_plus.yaml --topology v5e-256 mesh=auto"),
+    ("SD1.5 Plus training, 512², 8 per chip", None,
+     "train --config train/sd15_plus.yaml --topology v6e-8 global_batch_size=64"),
     ("SDXL base training, 1024², the recipe (mesh: auto, remat: auto)", "sdxl_train",
      "train --config train/sdxl_base.yaml --topology v5p-64"),
     ("SDXL base training, 1024², the recipe (mesh: auto, remat: auto; 32 images rise to 256)", "sdxl_train",

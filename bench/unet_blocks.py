@@ -2,7 +2,7 @@
 training backpropagates through them): this project against diffusers, same random weights and inputs, each side
 in its own process. Finds which block a whole-step difference comes from (bench/train_step.py times the step).
 
-    python bench/unet_blocks.py [--repeats 5] [--batch 2]
+    python bench/unet_blocks.py [--repeats 5] [--batch 2] [--blocks mid.resnet0,up1.resnet0]
 
 Last line: RESULT name=unet_blocks ours_s=<sum of fwd+bwd medians> reference_s=<same> speedup=<reference/ours>
 """
@@ -127,7 +127,8 @@ def side(args) -> None:
         model.requires_grad_(False)
         time_block, convert = _time_torch, torch.from_numpy
     results = {}
-    for name, path, size, channels, kind in BLOCKS:
+    chosen = args.blocks.split(",") if args.blocks else [b[0] for b in BLOCKS]
+    for name, path, size, channels, kind in (b for b in BLOCKS if b[0] in chosen):
         in_shape, out_shape = _shapes(_pick(unet, path), size, channels, kind, args.batch)
         x = rng.standard_normal(in_shape).astype(np.float32)
         g = rng.standard_normal(out_shape).astype(np.float32)
@@ -141,12 +142,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--blocks", help="comma-separated block names (default: all), e.g. mid.resnet0")
     p.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         side(args)
         return
     argv = ["--repeats", str(args.repeats), "--batch", str(args.batch)]
+    if args.blocks:
+        names = [b[0] for b in BLOCKS]
+        unknown = sorted(set(args.blocks.split(",")) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown block(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        argv += ["--blocks", args.blocks]
     ours = run_side(Path(__file__), argv, "ours")["blocks"]
     ref = run_side(Path(__file__), argv, "reference")["blocks"]
     print(f"SD1.5 UNet blocks, float32, batch {args.batch}, {os.cpu_count()} CPUs; medians of {args.repeats} (ms)")
