@@ -118,8 +118,9 @@ def useful_flops(t: Tiling) -> dict[str, int]:
 
 
 def _meta(t: Tiling, name: str) -> dict[str, str]:
-    # Read back from the compiled HLO by the planner (planning/report.py): model FLOPs, and the heads' layout.
-    return {"useful_flops": str(useful_flops(t)[name]), "layout": "lanes" if t.lanes else "rows"}
+    # Read back from the compiled HLO by the planner (planning/report.py): model FLOPs, and the heads' layout
+    # (these are the rows kernels; models/pallas_lanes.py records "lanes" for its own).
+    return {"useful_flops": str(useful_flops(t)[name]), "layout": "rows"}
 
 
 def _masked_logits(q, k, kv_block, t: Tiling):
