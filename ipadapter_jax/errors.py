@@ -11,3 +11,17 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """A config file or override names an unknown key or an unsupported value."""
+
+
+class DoesNotFit(UserError):
+    """The compiler refused a program over the accelerator's memory (HBM)."""
+
+
+def hbm_refusal(error: BaseException) -> str | None:
+    """The compiler's first line when `error` is XLA refusing a program over the accelerator's memory
+    (RESOURCE_EXHAUSTED naming HBM: "Ran out of memory in memory space hbm. Used 21.9G of 15.5G hbm." or "Ran out
+    of memory on HBM, ..."); None for any other error, a Pallas kernel over its VMEM included."""
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message or "hbm" not in message.lower():
+        return None
+    return message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]

@@ -102,7 +102,8 @@ class ProjPlusModel(nnx.Module):
 
 
 def build_image_proj(spec: AdapterSpec, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
-    """The projection module `spec` describes, PyTorch-default initialised (use under `nnx.eval_shape` to load)."""
+    """The projection module `spec` describes, PyTorch-default initialised (built by `models.layers.abstract_model`
+    to load weights into)."""
     c = spec.cross_attention_dim
     common = dict(dtype=dtype, rngs=rngs)
     if spec.variant == "base":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ipadapter_jax.errors import ConfigError
@@ -51,14 +53,41 @@ def abstract_model(build):
     return module
 
 
+MIN_DRAW = 1 << 16  # uniform numbers drawn at least (`uniform_init`)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "dtype"))
+def _draw_uniform(key, bound, *, size: int, dtype):
+    return jax.random.uniform(key, (size,), jnp.float32, -bound, bound).astype(dtype)
+
+
+def uniform_init(key, shape: tuple[int, ...], bound: float, dtype) -> jax.Array:
+    """`jax.random.uniform(key, shape, float32, -bound, bound).astype(dtype)`, bit for bit, without a program per
+    shape.
+
+    Drawn shape by shape, every new shape compiled its own threefry program (about 0.2 s each: 42 of them, 9 of
+    the 11 s, built the first small UNet of a process on a 2-core AMD EPYC). With JAX's partitionable threefry
+    (its default) the first n numbers of a longer draw are the n numbers drawn alone, laid out as a reshape lays
+    them, so this draws a power of two of at least MIN_DRAW and keeps the prefix: a few programs for any model
+    (tests/models/test_layers.py checks the values). Traced keys (a model built inside `jit`) draw directly."""
+    n = math.prod(shape)
+    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+    size = max(MIN_DRAW, 1 << max(n - 1, 0).bit_length())
+    drawn = _draw_uniform(key, jnp.float32(bound), size=size, dtype=jnp.dtype(dtype))
+    return jnp.asarray(np.asarray(drawn)[:n].reshape(shape))  # sliced on the host: no program per shape
+
+
 def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype):
     # PyTorch's default Linear/Conv init, so adapters trained from scratch start as the official code does.
     if _SHAPES_ONLY.get():
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
+    return uniform_init(rngs.params(), tuple(shape), bound, dtype)
 
 
 def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
+    # Drawn shape by shape: a prefix of a longer normal draw differs in the last bits (the erfinv compiles
+    # differently), and only embeddings and the Resampler's latents use it.
     if _SHAPES_ONLY.get():
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     return (jax.random.normal(rngs.params(), shape) * std).astype(dtype)

@@ -8,12 +8,12 @@ import importlib.util
 import os
 import time
 
-from ipadapter_jax.errors import UserError
+from ipadapter_jax.errors import DoesNotFit, UserError, hbm_refusal
 from ipadapter_jax.planning import bases, report, steps
 from ipadapter_jax.planning import flops as flops_lib
 from ipadapter_jax.planning import search as search_lib
 from ipadapter_jax.planning.topology import INSTALL_HINT, Topology, parse_topology
-from ipadapter_jax.training.config import TrainConfig, load_train_config
+from ipadapter_jax.training.config import TRAIN_MEMORY_ADVICE, TrainConfig, load_train_config
 
 
 def require_libtpu() -> None:
@@ -22,13 +22,7 @@ def require_libtpu() -> None:
                         f"{INSTALL_HINT}.")
 
 
-TRAIN_ADVICE = ("lower global_batch_size, set model.remat=full (or dots_no_batch), optimizer.grad_accum_steps=N, "
-                "or mesh.fsdp=N to split the weights")
 GENERATE_ADVICE = "lower --batch-per-chip or split the weights with --fsdp N"
-
-
-class DoesNotFit(UserError):
-    """The compiler refused a program over the chip's HBM."""
 
 
 def _compile(program: steps.Program, topology: Topology, advice: str):
@@ -37,17 +31,13 @@ def _compile(program: steps.Program, topology: Topology, advice: str):
     try:
         compiled = program.lower().compile()
     except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError; only the out-of-HBM refusal is ours
-        message = str(e)
-        if "RESOURCE_EXHAUSTED" not in message or "HBM" not in message:
+        reason = hbm_refusal(e)
+        if reason is None:
             raise
-        reason = message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
         raise DoesNotFit(f"{program.name} does not fit on {topology.accelerator_type} ({topology.name}), "
-                        f"{program.items_per_step / program.mesh.size:g} per chip: {reason} "
-                        f"(after {time.perf_counter() - start:.0f} s of compiling). To fit: {advice}.") from None
+                         f"{program.items_per_step / program.mesh.size:g} per chip: {reason} "
+                         f"(after {time.perf_counter() - start:.0f} s of compiling). To fit: {advice}.") from None
     return compiled, time.perf_counter() - start
-
-
-MAX_AUTO_COMPILES = 3
 
 
 def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate:
@@ -66,20 +56,16 @@ def plan_train(config: TrainConfig, topology: Topology | str) -> report.Estimate
 
 
 def first_accepted(found: search_lib.Search, plan_one, where: str) -> report.Estimate:
-    """The plan of the best-ranked candidate that the compiler accepts (at most MAX_AUTO_COMPILES tried)."""
-    refused = []
-    for candidate in found.ranked[:MAX_AUTO_COMPILES]:
+    """The plan of the best-ranked candidate that the compiler accepts (at most search.COMPILER_TRIES tried), as
+    `train` retries on the devices it runs on."""
+    for refused, candidate in enumerate(found.tries()):
         try:
             estimate = plan_one(found.resolved(candidate))
         except DoesNotFit:
-            refused.append(candidate.describe())
             continue
-        estimate.notes[:0] = [*found.notes, found.summary(candidate),
-                              *(f"the compiler refused the better-ranked {r}" for r in refused)]
+        estimate.notes[:0] = found.why(candidate, refused)
         return estimate
-    raise UserError(f"The compiler refused the {len(refused)} best-ranked choices for "
-                    f"{found.config.global_batch_size} images on {where} ({'; '.join(refused)}). Use a bigger "
-                    "slice or lower global_batch_size.")
+    raise found.all_refused(where)
 
 
 def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices: list) -> report.Estimate:
@@ -93,7 +79,7 @@ def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices:
         notes.append("the cached-encoder step (data.cache); a raw-image step also runs the VAE and CLIP encoders")
     mesh = steps.slice_mesh(devices, config.mesh.data, config.mesh.fsdp)
     program = steps.train_program(config, base, encoder, mesh)
-    compiled, seconds = _compile(program, topology, TRAIN_ADVICE)
+    compiled, seconds = _compile(program, topology, TRAIN_MEMORY_ADVICE)
     estimate = report.analyse(program, compiled, topology, seconds, total_steps=config.total_steps, notes=notes)
     estimate.remat = config.model.remat
     if config.model.remat != "none":
@@ -105,7 +91,7 @@ def _plan_train(config: TrainConfig, base, encoder, topology: Topology, devices:
         estimate.items_per_step *= accum
         estimate.batch_per_chip *= accum
     if not estimate.fits:
-        estimate.notes.append(f"does not fit ({estimate.batch_per_chip:g} per chip now): {TRAIN_ADVICE}")
+        estimate.notes.append(f"does not fit ({estimate.batch_per_chip:g} per chip now): {TRAIN_MEMORY_ADVICE}")
     return estimate
 
 

@@ -2,7 +2,8 @@
 best estimated throughput that fits the chips' memory. `ipadapter-jax plan` and `train` choose the same way.
 
 Compiling a whole step takes minutes to half an hour on a small host, so candidates are ranked by a model and
-only the pick is compiled (`plan` compiles the next one when the compiler refuses it):
+only the pick is compiled; when the compiler refuses it for the chips' memory, `plan` and `train` both go on to
+the next-ranked (COMPILER_TRIES in all):
 
 - memory per chip = the step's arguments per chip, exact from their shardings (weights, optimizer state, batch)
   + the gradients and the optimizer's update (twice the trainable weights) + the frozen weights whole (the
@@ -30,7 +31,7 @@ import math
 import jax
 
 from ipadapter_jax import sharding as sharding_lib
-from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.errors import ConfigError, UserError
 from ipadapter_jax.training.config import TrainConfig
 
 REMAT_CHOICES = ("none", "dots_no_batch", "full")
@@ -38,6 +39,7 @@ RECOMPUTE = {"none": 1.0, "dots": 1.1, "dots_no_batch": 1.1, "offload_dots": 1.1
 HALF_EFFICIENCY_BATCH = 0.7
 USABLE = 0.9  # of the chip's memory: room for the compiler's own buffers and fragmentation
 MAX_FSDP = 64
+COMPILER_TRIES = 3  # best-ranked candidates compiled, in order, before giving up (`plan` and `train` alike)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,22 @@ class Search:
                                             ("remat: auto", self.config.model.remat == "auto")) if on)
         return (f"{what} chose {c.describe()}; {len(self.ranked)} candidate(s) fit the model's memory budget "
                 f"({self.rejected} did not), ranked by the model in planning/search.py")
+
+    def tries(self) -> list[Candidate]:
+        """The candidates to compile, best first, until the compiler accepts one."""
+        return self.ranked[:COMPILER_TRIES]
+
+    def why(self, c: Candidate, refused: int) -> list[str]:
+        """The notes for choosing `c` after the compiler refused the `refused` better-ranked candidates."""
+        return [*self.notes, self.summary(c),
+                *(f"the compiler refused the better-ranked {r.describe()}" for r in self.ranked[:refused])]
+
+    def all_refused(self, where: str) -> UserError:
+        tried = self.tries()
+        return UserError(f"The compiler refused the {len(tried)} best-ranked choices for "
+                         f"{self.config.global_batch_size} images on {where} "
+                         f"({'; '.join(c.describe() for c in tried)}). Use a bigger slice or lower "
+                         "global_batch_size.")
 
 
 def is_auto(config: TrainConfig) -> bool:
@@ -203,13 +221,18 @@ def device_memory_bytes(devices: list) -> int | None:
     return None if platform_of(devices) == "cpu" else one_device(devices[0])
 
 
-def choose(config: TrainConfig, devices: list) -> tuple[TrainConfig, str]:
-    """`train`'s choice for `mesh: auto` / `remat: auto` on the devices it runs on: the best-ranked candidate
-    (`plan` compiles the same ranking for a TPU slice). Returns the resolved config and one line saying why."""
+def choose(config: TrainConfig, devices: list, *, refused: int = 0) -> tuple[TrainConfig, str]:
+    """`train`'s choice for `mesh: auto` / `remat: auto` on the devices it runs on: the best-ranked candidate after
+    the `refused` ones the compiler turned down there (`plan` compiles the same ranking for a TPU slice the same
+    way). Returns the resolved config and one line saying why."""
+    from ipadapter_jax.models.target import platform_of
     from ipadapter_jax.planning import bases
 
     base = bases.base_architecture(config.model.base)
     encoder = bases.image_encoder_config(config.model.image_encoder, base)
     found = search(config, base, encoder, list(devices), device_memory_bytes(list(devices)))
-    best = found.ranked[0]
-    return found.resolved(best), "; ".join([*found.notes, found.summary(best)])
+    tries = found.tries()
+    if refused >= len(tries):
+        raise found.all_refused(f"{len(devices)} {platform_of(list(devices))} device(s)")
+    best = tries[refused]
+    return found.resolved(best), "; ".join(found.why(best, refused))

@@ -14,6 +14,9 @@ from ipadapter_jax.sharding import MeshConfig
 
 Variant = Literal["base", "plus", "full"]
 Remat = Literal["none", "full", "dots", "dots_no_batch", "offload_dots", "auto"]  # auto: planning/search.py
+# What to change when a training step does not fit the devices' memory (`train` and `plan` say it).
+TRAIN_MEMORY_ADVICE = ("lower global_batch_size, set model.remat=full (or dots_no_batch), "
+                       "optimizer.grad_accum_steps=N, or mesh.fsdp=N to split the weights")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ipadapter_jax import sharding as sharding_lib
 from ipadapter_jax.checkpoint import Checkpointer, abstract_like
 from ipadapter_jax.config import to_dict
 from ipadapter_jax.data import pipeline, reader
-from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
+from ipadapter_jax.errors import CheckpointError, ConfigError, DoesNotFit, UserError, hbm_refusal
 from ipadapter_jax.host_memory import retain_freed_memory
 from ipadapter_jax.models.adapter_spec import AdapterSpec
 from ipadapter_jax.outputs import check_outputs
@@ -31,7 +31,7 @@ from ipadapter_jax.training import encoder_cache, inputs
 from ipadapter_jax.training import loss as loss_lib
 from ipadapter_jax.training import model as model_lib
 from ipadapter_jax.training import step as step_lib
-from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.config import TRAIN_MEMORY_ADVICE, TrainConfig
 from ipadapter_jax.training.evaluator import EvalLog, Evaluator, summary_line
 from ipadapter_jax.training.monitoring import Monitor
 from ipadapter_jax.training.samples import SampleGrid, write_grid
@@ -43,6 +43,12 @@ _log = logging.getLogger("ipadapter_jax.train")
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; nothing computed from that step is saved or exported."""
+
+
+class _Refused(Exception):
+    """The compiler refused the step `mesh: auto` / `remat: auto` chose, for the devices' memory."""
+
+
 RECORD_FORMAT = "ipadapter_jax.train"
 EXPORT_NAME = "ip_adapter.safetensors"  # the official layout, under <workdir>/export/
 # Changing these between a run and its resume would change which records and draws each step sees.
@@ -73,7 +79,7 @@ class TrainResult:
                 f"  adapter (ipadapter-jax folder): {self.exported.parent / 'ip_adapter' if self.exported else None}")
 
 
-AutoChooser = Callable[[TrainConfig, list], tuple[TrainConfig, str]]
+AutoChooser = Callable[..., tuple[TrainConfig, str]]  # (config, devices, *, refused) -> (config, why)
 
 
 def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
@@ -83,8 +89,21 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     """Train (or resume) the adapter described by ``config``; ``devices`` restricts the mesh (tests);
     ``on_step(step, metrics)`` gets every step's metrics as floats (a device sync per step);
     ``on_eval(step, metrics, images)`` every evaluation's metrics and generated PIL images;
-    ``choose_auto(config, devices) -> (config, why)`` resolves `mesh: auto` / `model.remat: auto` once the
-    devices are known (`ipadapter_jax.planning.search.choose`, as `ipadapter-jax train` passes it)."""
+    ``choose_auto(config, devices, refused=n) -> (config, why)`` resolves `mesh: auto` / `model.remat: auto`
+    once the devices are known, passing over the n best-ranked choices the compiler refused for the devices'
+    memory (`ipadapter_jax.planning.search.choose`, as `ipadapter-jax train` passes it; `plan` does the same)."""
+    refused = 0
+    while True:
+        try:
+            return _train(config, devices=devices, on_step=on_step, on_eval=on_eval, choose_auto=choose_auto,
+                          refused=refused)
+        except _Refused as e:  # nothing was trained or written yet: set up again with the next choice
+            _log.warning("%s; compiling the next-ranked choice.", e)
+            refused += 1
+
+
+def _train(config: TrainConfig, *, devices, on_step, on_eval, choose_auto: AutoChooser | None,
+           refused: int) -> TrainResult:
     config.validate_for_training()
     workdir = Path(config.workdir).absolute()
 
@@ -97,12 +116,13 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
         workdir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- mesh
-    if config.mesh.auto or config.model.remat == "auto":  # what `ipadapter-jax plan` would choose
+    auto = config.mesh.auto or config.model.remat == "auto"
+    if auto:  # what `ipadapter-jax plan` would choose
         if choose_auto is None:
             raise ConfigError("mesh: auto and model.remat: auto are chosen for the devices by "
                               "ipadapter_jax.planning.search.choose: pass train(..., choose_auto=choose), as "
                               "`ipadapter-jax train` does, or set mesh.data, mesh.fsdp and model.remat.")
-        config, why = choose_auto(config, list(devices) if devices is not None else jax.devices())
+        config, why = choose_auto(config, list(devices) if devices is not None else jax.devices(), refused=refused)
         _log.warning("%s", why)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = config.mesh.rules
@@ -192,8 +212,7 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
         compiled, flops = None, None
         if first is not None:
             batch = pipeline.to_global_batch(first, mesh, sharding_lib.BATCH_SPEC)
-            with jax.set_mesh(mesh):  # the mesh that Pallas kernels deep in the UNet are split over
-                compiled = jitted.lower(state, frozen, consts, batch).compile()
+            compiled = _compile_step(jitted, (state, frozen, consts, batch), mesh, auto)
             flops = (compiled.cost_analysis() or {}).get("flops")
             if mesh.devices.flat[0].platform == "cpu":  # temporaries in host memory: reuse them step to step
                 retain_freed_memory(compiled.memory_analysis().temp_size_in_bytes)
@@ -301,6 +320,24 @@ def train(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
     monitor.close()
     return TrainResult(workdir=workdir, step=step, history=history, resumed_from=resumed_from, exported=exported,
                        checkpoint_dir=checkpointer.directory, num_skipped=iterator.num_skipped)
+
+
+def _compile_step(jitted, args: tuple, mesh, auto: bool):
+    """The step compiled for the mesh; the compiler refusing it for the devices' memory is one sentence, or, when
+    `mesh: auto` / `remat: auto` chose the step (`auto`), the signal to try the next-ranked choice."""
+    try:
+        with jax.set_mesh(mesh):  # the mesh that Pallas kernels deep in the UNet are split over
+            return jitted.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError; only the out-of-memory refusal is ours
+        reason = hbm_refusal(e)
+        if reason is None:
+            raise
+        reason = reason.rstrip(".")
+        if auto:
+            raise _Refused(f"The compiler refused the chosen step for the devices' memory: {reason}") from None
+        raise DoesNotFit(f"The training step does not fit in the memory of the {mesh.size} "
+                         f"{mesh.devices.flat[0].platform} device(s): {reason}. To fit: {TRAIN_MEMORY_ADVICE}, or "
+                         "set mesh: auto to search for a split that fits.") from None
 
 
 def initialize_distributed(config: TrainConfig) -> None:

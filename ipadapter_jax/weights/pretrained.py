@@ -63,7 +63,7 @@ def read_config(folder: str | Path, name: str = "config.json") -> dict:
 def load_component(folder: str | Path, build: Callable[[], nnx.Module], *, basename: str, dtype=jnp.float32,
                    variant: str | None = None, policy: KeyPolicy | None = None, what: str = "model",
                    sharding=None, exclude: Any = nnx.Nothing, cache: ConvertedWeights | None = None) -> nnx.Module:
-    """`build()` constructs the model; it runs under `nnx.eval_shape`, so no random initialisation happens."""
+    """`build()` constructs the model; it runs under `abstract_model`, so no random initialisation happens."""
     abstract = abstract_model(build)
     weights = open_weights(folder, basename, variant)
     return load_state(abstract, weights, dtype=as_dtype(dtype), policy=policy or KeyPolicy(), what=what,

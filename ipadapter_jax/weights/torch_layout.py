@@ -116,7 +116,7 @@ def load_state(
     exclude: Any = nnx.Nothing,
     cache: ConvertedWeights | None = None,
 ) -> nnx.Module:
-    """Fill an abstract module (from `nnx.eval_shape`) with a checkpoint; every key consumed exactly once.
+    """Fill an abstract module (from `models.layers.abstract_model`) with a checkpoint; every key consumed exactly once.
 
     Variables matching `exclude` are not in the checkpoint and start as zeros (e.g. IP-Adapter weights).
     `sharding(path, shape)` may place each parameter (for FSDP); by default arrays go to the default device.

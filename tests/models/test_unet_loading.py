@@ -12,7 +12,7 @@ from flax import nnx
 from reference_models import SD1_UNET, SD2_UNET, rel_err, save_unet
 
 from ipadapter_jax.errors import CheckpointError, ConfigError, UserError
-from ipadapter_jax.models.layers import IPAdapterParam
+from ipadapter_jax.models.layers import IPAdapterParam, abstract_model
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.weights.diffusers_models import load_unet
@@ -50,7 +50,7 @@ def _torch_meta_state(config):
 @pytest.mark.parametrize("name,config,expected", [("sd15", SD15, 859_520_964), ("sd21", SD21, 865_910_724),
                                                    ("sdxl", SDXL, 2_567_463_684)])
 def test_full_size_unet_parameters_and_keys_match_pytorch(torch, name, config, expected):
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
     flat = flat_variables(abstract)
     ours = {torch_key(p): to_torch_layout(str(p[-1]), np.empty(v.shape, np.int8)).shape for p, v in flat.items()}
     reference = _torch_meta_state(config)
@@ -60,8 +60,8 @@ def test_full_size_unet_parameters_and_keys_match_pytorch(torch, name, config, e
 
 
 def test_sd15_adapter_slots_are_the_22m_paper_count():
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(SD15), num_ip_adapters=1,
-                                                           rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: UNet2DConditionModel(UNetConfig.from_dict(SD15), num_ip_adapters=1,
+                                                          rngs=nnx.Rngs(0)))
     ip = nnx.state(abstract, IPAdapterParam)
     assert sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(ip)) == 19_169_280  # 22.3M minus 3.15M proj
 

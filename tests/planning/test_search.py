@@ -129,6 +129,23 @@ def test_plan_compiles_the_next_candidate_when_the_compiler_refuses(base_root):
         plan.first_accepted(found, lambda resolved: plan_one(resolved, refuse=99), "v5e-4")
 
 
+def test_train_passes_over_the_choices_the_compiler_refused(base_root):
+    """`train`'s choice after the compiler refused n of them on its devices (tests/training/test_sharded.py runs
+    it): the (n+1)-th of the ranking, with the refused ones named; after three, one sentence naming them."""
+    from ipadapter_jax.errors import UserError
+
+    config = _config(base_root, "mesh=auto", "model.remat=auto", "global_batch_size=8")
+    devices = jax.devices()[:4]
+    ranked = _search(base_root, config, devices, None).ranked
+    for refused in range(3):
+        resolved, why = search.choose(config, devices, refused=refused)
+        assert (resolved.mesh.fsdp, resolved.model.remat) == (ranked[refused].fsdp, ranked[refused].remat)
+        assert why.count("the compiler refused the better-ranked") == refused
+    with pytest.raises(UserError, match=r"^The compiler refused the 3 best-ranked choices for 8 images on 4 cpu "
+                                        r"device\(s\) \(fsdp=1, remat=none, 2 per chip .*\)\. Use a bigger slice"):
+        search.choose(config, devices, refused=3)
+
+
 def test_resuming_where_auto_fits_the_batch_to_another_chip_count_is_refused(base_root):
     """A run started under `mesh: auto` on 4 chips raised 6 images to 8; on 2 chips the same recipe keeps 6. The
     resumed run would change its global batch (the data order and the update), so it is refused, with the fix."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from training.helpers import REFERENCE_STEPS, exported_tensors, make_config, rel_diff
 
-from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.errors import ConfigError, DoesNotFit
 from ipadapter_jax.planning.search import choose
 from ipadapter_jax.training.loop import train
 
@@ -45,3 +45,50 @@ def test_auto_mesh_and_remat_train_as_chosen(tiny_inputs, reference_run, tmp_pat
         result = train(config, devices=jax.devices(), choose_auto=choose)
     assert "mesh: auto and remat: auto chose fsdp=1, remat=none, 2 per chip x 1 accumulation step(s)" in caplog.text
     assert rel_diff(result.losses, reference_run.losses) < TOL, (result.losses, reference_run.losses)
+
+
+# How libtpu words a step over the chip's HBM (CPU memory is not planned, so XLA:CPU never refuses one).
+OUT_OF_HBM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.95G "
+              "of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= 22.47G:")
+
+
+def _refuse_compiles(monkeypatch, first: int) -> list:
+    """The first `first` explicit compiles (train's step) fail as libtpu's out-of-HBM refusal does."""
+    compile_, calls = jax.stages.Lowered.compile, []
+
+    def compile(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= first:
+            raise RuntimeError(OUT_OF_HBM)
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile)
+    return calls
+
+
+def test_a_choice_the_compiler_refuses_gives_way_to_the_next(tiny_inputs, reference_run, tmp_path, caplog,
+                                                             monkeypatch):
+    """When the compiler refuses `mesh: auto`'s pick for the devices' memory, `train` sets up again with the
+    next-ranked choice, as `plan` does, and trains as that mesh does; a mesh named in the recipe gets one sentence
+    with the fix (and when every try is refused: tests/planning/test_search.py)."""
+    calls = _refuse_compiles(monkeypatch, first=1)
+    config = make_config(tiny_inputs, tmp_path / "auto", "mesh=auto", "model.remat=auto", "checkpoint.every_steps=1000")
+    with caplog.at_level("WARNING", logger="ipadapter_jax.train"):
+        result = train(config, devices=jax.devices(), choose_auto=choose)
+    assert len(calls) == 2
+    log = caplog.text
+    assert ("The compiler refused the chosen step for the devices' memory: XLA:TPU compile permanent error. Ran out "
+            "of memory in memory space hbm. Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G; compiling the "
+            "next-ranked choice.") in log
+    # second in the ranking on 8 devices without a memory limit: as fast by the model, the weights split in two
+    assert "mesh: auto and remat: auto chose fsdp=2, remat=none, 2 per chip x 1 accumulation step(s)" in log
+    assert "the compiler refused the better-ranked fsdp=1, remat=none, 2 per chip x 1 accumulation step(s)" in log
+    assert rel_diff(result.losses, reference_run.losses) < TOL, (result.losses, reference_run.losses)
+
+    _refuse_compiles(monkeypatch, first=99)
+    named = make_config(tiny_inputs, tmp_path / "named", "mesh.data=8", "mesh.fsdp=1")
+    with pytest.raises(DoesNotFit, match=r"^The training step does not fit in the memory of the 8 cpu device\(s\): "
+                                         r"XLA:TPU .* capacity by 6\.47G\. To fit: lower global_batch_size, "
+                                         r".* or set mesh: auto to search for a split that fits\.$"):
+        train(named, devices=jax.devices())
+    assert not (tmp_path / "named" / "export").exists()

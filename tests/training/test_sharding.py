@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax.errors import ConfigError
+from ipadapter_jax.models.layers import abstract_model
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.sharding import DEFAULT_RULES, MeshConfig, axis_sizes, make_mesh, spec_for
@@ -30,8 +31,8 @@ def test_mesh_fills_one_axis():
 
 @pytest.fixture(scope="module")
 def unet_params():
-    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(SD15_LIKE), num_ip_adapters=1,
-                                                       rngs=nnx.Rngs(0)))
+    unet = abstract_model(lambda: UNet2DConditionModel(UNetConfig.from_dict(SD15_LIKE), num_ip_adapters=1,
+                                                      rngs=nnx.Rngs(0)))
     return {"unet/" + k: v for k, v in flatten(nnx.state(unet)).items()}
 
 

@@ -1,7 +1,8 @@
 """Learning is visible: an adapter trained briefly with the real loop (train/world_adapter.yaml) on the shipped
 world base makes generations show the image prompt's colours (toy CLIP-I well above chance), as measured
-by the run's own evaluation during training, while the same scenes generated from their captions alone stay at
-chance."""
+by the run's own evaluation during training. The same scenes generated from their captions alone (IP scale 0,
+which is exactly the frozen base whatever the adapter) stay at chance: checked once, on all 64 held-out scenes,
+by test_shipped_adapter_passes_the_image_prompt_on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ipadapter_jax.evaluation.world import evaluate_world, generate, toy_scores
+from ipadapter_jax.evaluation.world import evaluate_world
 from ipadapter_jax.pipelines.ip_adapter_pipeline import IPAdapterPipeline
 from ipadapter_jax.training import load_train_config, train
 from ipadapter_jax.world.build import SHIPPED_ADAPTER, write_world_base, write_world_image_encoder
@@ -47,16 +48,6 @@ def test_adapter_learns_on_the_world(tmp_path):
     assert end["background"] >= MIN_COLOURS and end["colour"] >= MIN_COLOURS, end
     rows = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, STEPS] and rows[1]["clip_i"] == end["clip_i"]
-
-    # Text only (IP scale 0 is exactly the frozen base): the captions alone do not carry the image attributes.
-    world = workdir / "world"
-    pipe = IPAdapterPipeline.from_pretrained(world / "base", image_encoder=world / "image_encoder",
-                                             adapters=[result.exported], scheduler="ddim",
-                                             mesh=Mesh(np.asarray(devices), ("data",)))
-    scenes = held_out_scenes(SCENES)
-    text_only = toy_scores(generate(pipe, scenes, scale=0.0), scenes)
-    print(text_only.as_dict())
-    assert text_only.clip_i <= MAX_TEXT_ONLY_CLIP_I, text_only.as_dict()
 
 
 def test_shipped_adapter_passes_the_image_prompt_on(tmp_path):
