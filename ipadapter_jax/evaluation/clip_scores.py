@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ipadapter_jax.data.transforms import clip_image_processor
+from ipadapter_jax.data.clip_pixels import clip_pixels
 from ipadapter_jax.errors import UserError
 from ipadapter_jax.weights.diffusers_models import load_image_encoder, load_text_encoder
 from ipadapter_jax.weights.hub import resolve
@@ -76,7 +76,7 @@ class CLIPScorer:
                             f"(e.g. {DEFAULT_CLIP}).")
         text = load_text_encoder(folder, dtype=dtype, with_projection=True)  # text_projection is required
         vision = load_image_encoder(folder, dtype=dtype)
-        return cls(text, vision, _tokenizer(folder), clip_image_processor(str(folder), vision.image_size),
+        return cls(text, vision, _tokenizer(folder), clip_pixels(folder, vision.image_size),
                    mesh=mesh, batch_size=batch_size)
 
     def _batches(self, rows: np.ndarray, fn, state) -> np.ndarray:

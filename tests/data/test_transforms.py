@@ -113,6 +113,11 @@ def test_train_transform_output_contract(tokenizer_dir):
     rgb = raw.convert("RGB")
     np.testing.assert_array_equal(out["pixel_values"], transforms.vae_input(rgb, 16, "center_floor")[0])
     np.testing.assert_array_equal(out["time_ids"], [30, 44, 0, 3, 16, 16])
+    from transformers import CLIPImageProcessorPil  # the numbers data/clip_pixels.py computes without it
+
+    reference = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    expected_clip = reference(images=rgb, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_array_equal(out["clip_pixel_values"], expected_clip)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     expected_ids = tokenizer("a red circle", padding="max_length", max_length=77, truncation=True).input_ids
     np.testing.assert_array_equal(out["input_ids"], expected_ids)
