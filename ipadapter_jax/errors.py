@@ -20,8 +20,10 @@ class DoesNotFit(UserError):
 def hbm_refusal(error: BaseException) -> str | None:
     """The compiler's first line when `error` is XLA refusing a program over the accelerator's memory
     (RESOURCE_EXHAUSTED naming HBM: "Ran out of memory in memory space hbm. Used 21.9G of 15.5G hbm." or "Ran out
-    of memory on HBM, ..."); None for any other error, a Pallas kernel over its VMEM included."""
+    of memory on HBM, ..."); None for any other error, a Pallas kernel over its VMEM included (read from the first
+    line alone: the allocation listing below it may name either memory)."""
     message = str(error)
-    if "RESOURCE_EXHAUSTED" not in message or "hbm" not in message.lower():
+    if "RESOURCE_EXHAUSTED:" not in message:
         return None
-    return message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+    first = message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+    return first if "hbm" in first.lower() else None

@@ -29,7 +29,7 @@ LONGEST_FILES = ("tests/world/test_learning.py", "tests/planning/test_tpu_plan.p
                  "tests/training/test_two_process.py", "tests/training/test_sharded.py",
                  "tests/models/test_ip_controls.py", "tests/pipelines/test_image_prompt_controls.py",
                  "tests/models/test_unet.py", "tests/pipelines/test_pipeline_parity.py",
-                 "tests/training/test_torch_parity.py", "tests/models/test_unet_loading.py")
+                 "tests/training/test_torch_parity.py")
 
 
 def pytest_collection_modifyitems(items):

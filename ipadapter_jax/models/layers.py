@@ -86,8 +86,8 @@ def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype):
 
 
 def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
-    # Drawn shape by shape: a prefix of a longer normal draw differs in the last bits (the erfinv compiles
-    # differently), and only embeddings and the Resampler's latents use it.
+    # Drawn shape by shape: a prefix of a longer normal draw differed from the shape's own draw in the last bits
+    # (float32, measured), and only embeddings and the Resampler's latents use it.
     if _SHAPES_ONLY.get():
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     return (jax.random.normal(rngs.params(), shape) * std).astype(dtype)

@@ -58,6 +58,8 @@ def test_other_compiler_errors_are_not_hidden():
     ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space vmem. Used 32.42M of "
      "16.00M vmem.", None),
     ("INVALID_ARGUMENT: hbm is mentioned, but this is no refusal", None),
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space vmem.\n"
+     "Total hbm usage >= 1.2G:", None),  # HBM named only in the listing below
 ])
 def test_both_wordings_of_the_out_of_hbm_refusal_are_recognised(message, reason):
     from ipadapter_jax.errors import hbm_refusal

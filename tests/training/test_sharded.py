@@ -52,15 +52,18 @@ OUT_OF_HBM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of m
               "of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= 22.47G:")
 
 
+_COMPILE = jax.stages.Lowered.compile
+
+
 def _refuse_compiles(monkeypatch, first: int) -> list:
     """The first `first` explicit compiles (train's step) fail as libtpu's out-of-HBM refusal does."""
-    compile_, calls = jax.stages.Lowered.compile, []
+    calls = []
 
     def compile(self, *args, **kwargs):
         calls.append(1)
         if len(calls) <= first:
             raise RuntimeError(OUT_OF_HBM)
-        return compile_(self, *args, **kwargs)
+        return _COMPILE(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", compile)
     return calls
