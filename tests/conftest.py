@@ -9,6 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compiles ~2,900 programs, nearly all for tiny models, and spent more than half its time in XLA:CPU's
+# compiler, mostly in LLVM (1,118 of 1,967 worker-seconds). JAX's switch for "optimising costs more than running"
+# keeps each program and XLA's HLO passes and drops LLVM's optimisation of the generated loops: compilation
+# 587 s, the suite 1,340 worker-seconds (2-core AMD EPYC). Set before JAX starts, so that the subprocesses the tests
+# spawn (training workers) compile the same way; tests whose run time dominates ask for optimised code with
+# `@pytest.mark.optimized_code`. JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles the whole suite as users' programs are.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The CLI keeps compiled programs and converted weights in the user's cache folder; tests that want them turn
 # them on in a temporary one.
 os.environ["IPADAPTER_JAX_COMPILE_CACHE"] = "0"
@@ -35,6 +42,24 @@ LONGEST_FILES = ("tests/world/test_learning.py", "tests/planning/test_tpu_plan.p
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest as collected
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized_code: compile this test's programs with XLA's full optimisation "
+                                       "(for tests whose run time, not compile time, dominates)")
+
+
+@pytest.fixture(autouse=True)
+def _optimized_code(request):
+    if request.node.get_closest_marker("optimized_code") is None:
+        yield
+        return
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session")

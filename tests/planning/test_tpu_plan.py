@@ -32,7 +32,9 @@ def _tpu_python() -> str:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # the TPU compiles as users' plans do (the suite's JAX_DISABLE_MOST_OPTIMIZATIONS is for its CPU programs)
+    unset = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_DISABLE_MOST_OPTIMIZATIONS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PYTHONPATH"] = str(ROOT)
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # compile beside other libtpu processes (no TPU is opened)
     proc = subprocess.run([_tpu_python(), str(Path(__file__).with_name("tpu_worker.py")), "v5e:2x2"], env=env,

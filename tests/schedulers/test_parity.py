@@ -192,7 +192,8 @@ def _reference_loop(ref, steps, strength, start, noise, noises, eta, monkeypatch
 
 
 def trajectory_error(case_id, steps, strength, monkeypatch):
-    """Relative L2 error ||ours - diffusers|| / ||diffusers|| of the sample after every step."""
+    """Relative L2 error ||ours - diffusers|| / ||diffusers|| of the sample after every step, and the largest
+    shrink of the sample in one step so far (||input|| / ||output||, the initial latents included)."""
     ours, ref, eta = _make(case_id)
     rng = np.random.default_rng(zlib.crc32(f"{case_id}/{steps}".encode()))
     start, noise = (rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(2))
@@ -207,7 +208,9 @@ def trajectory_error(case_id, steps, strength, monkeypatch):
     got = np.asarray(_our_loop(ours, plan, latents, jnp.asarray(noises)))
     assert got.shape == expected.shape
     err = np.linalg.norm((got - expected).reshape(len(got), -1), axis=1)
-    return err / np.linalg.norm(expected.reshape(len(got), -1), axis=1)
+    norms = np.linalg.norm(expected.reshape(len(got), -1), axis=1)
+    inputs = np.concatenate([[np.linalg.norm(np.asarray(latents))], norms[:-1]])
+    return err / norms, np.maximum.accumulate(inputs / norms)
 
 
 # Ten steps exercise the warm-up and lower-order endings; 25 at strength 0.6 an img2img start mid-schedule.
@@ -219,8 +222,14 @@ RUNS += [("lcm-sd15", 4, 0.5), ("lcm-v-clip-scaling", 6, 0.5)]
 
 @pytest.mark.parametrize(("case_id", "steps", "strength"), RUNS)
 def test_denoising_loop_matches_diffusers(case_id, steps, strength, monkeypatch):
-    err = trajectory_error(case_id, steps, strength, monkeypatch)
-    assert err.max() < 1e-5, f"relative error per step: {err}"
+    """1e-5 of the sample, or what float32 explains where a step cancels: a step whose output is A times smaller
+    than its input carries its input's rounding, a few float32 epsilons of the input on either side (8 eps x A of
+    the output; the relative error then travels with the sample). Zero-SNR Euler's first step goes from sigma 4096
+    to a sample 226x smaller: the sides differ by 0.35-0.43 eps of the input there, 0.94e-5 of the output with
+    XLA's optimised code and 1.15e-5 without; every other case shrinks at most 2.6x in a step (1e-5 holds)."""
+    err, shrink = trajectory_error(case_id, steps, strength, monkeypatch)
+    allowed = np.maximum(1e-5, 8 * np.finfo(np.float32).eps * shrink)
+    assert (err < allowed).all(), f"relative error per step: {err}, allowed: {allowed}"
 
 
 @pytest.mark.parametrize(

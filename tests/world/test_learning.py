@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from ipadapter_jax.evaluation.world import evaluate_world
@@ -32,6 +33,7 @@ SHIPPED_MIN_CLIP_I = 0.8  # the issue's target; world.json: 0.927; chance 0.167
 SHIPPED_SLACK = 0.05  # about 3 of the 192 attributes read
 
 
+@pytest.mark.optimized_code  # run time dominates: 400 training steps / 64 generations
 def test_adapter_learns_on_the_world(tmp_path):
     devices = jax.devices()[:1]  # the 8 fake test devices would only share the same 2 cores
     workdir = tmp_path / "run"
@@ -50,6 +52,7 @@ def test_adapter_learns_on_the_world(tmp_path):
     assert [r["step"] for r in rows] == [0, STEPS] and rows[1]["clip_i"] == end["clip_i"]
 
 
+@pytest.mark.optimized_code  # run time dominates: 400 training steps / 64 generations
 def test_shipped_adapter_passes_the_image_prompt_on(tmp_path):
     """The shipped base and adapter (world/assets, as the demo uses them) on the 64 held-out scenes of
     `world.json`: colours, background and quadrant follow the image prompt, and not the caption alone."""
