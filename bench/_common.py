@@ -20,9 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def configure_xla_for_cpu() -> None:
+    """The CLI's XLA:CPU set-up for this side's process; a side that started JAX before calling this would time
+    something users never run, so it stops."""
     from ipadapter_jax.xla_flags import configure_xla_for_cpu as configure
 
-    configure()
+    if configure() == "too late":
+        raise SystemExit("bench: JAX started its backends before configure_xla_for_cpu(); call it first in the side.")
 
 
 def timed(fn) -> float:

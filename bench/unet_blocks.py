@@ -101,12 +101,11 @@ def _time_torch(block, kind: str, x, g, extra, repeats: int) -> tuple[float, flo
 
 
 def side(args) -> None:
-    import numpy as np
-    from flax import nnx
-
     if args.side == "ours":
         configure_xla_for_cpu()
     import jax
+    import numpy as np
+    from flax import nnx
 
     from ipadapter_jax.models.target import platform_of, set_target
     from ipadapter_jax.models.unet import UNet2DConditionModel

@@ -1,11 +1,12 @@
 """XLA flags for processes this project owns (the CLI, benchmarks); never applied on library import.
 
-Must run before JAX initialises its backends.
+Must run before JAX starts its backends (the first device query, array or compile); importing jax earlier is fine.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 # Sends convolutions to Eigen while matmuls stay in YNNPACK: 1.2-1.4x on the SD UNet under XLA:CPU (jaxlib 0.10).
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot,reduce",)
@@ -15,20 +16,34 @@ def _has_accelerator() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
 
 
-def configure_xla_for_cpu() -> None:
-    """Add the CPU flags and share one malloc arena (`host_memory.py`: lets a training step keep the memory it
-    frees), unless an accelerator is present, JAX is already imported, or the user opted out
-    (IPADAPTER_JAX_CPU_FLAGS=0 for both)."""
-    import sys
+def backends_started() -> bool:
+    """Whether JAX has created its backends in this process (XLA reads XLA_FLAGS then, and starts its threads).
+    Importing jax, flax or this library does not start them."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
 
-    if "jax" in sys.modules or os.environ.get("IPADAPTER_JAX_CPU_FLAGS", "1") == "0" or _has_accelerator():
-        return
+    return xla_bridge.backends_are_initialized()
+
+
+def configure_xla_for_cpu() -> str:
+    """Add the CPU flags and share one malloc arena (`host_memory.py`: lets a training step keep the memory it
+    frees), unless an accelerator is present, the user opted out (IPADAPTER_JAX_CPU_FLAGS=0 for both), or JAX has
+    already started its backends (then neither can take effect any more). Returns which: "applied", "opted out",
+    "accelerator" or "too late"."""
+    if os.environ.get("IPADAPTER_JAX_CPU_FLAGS", "1") == "0":
+        return "opted out"
+    if _has_accelerator():
+        return "accelerator"
+    if backends_started():
+        return "too late"
     from ipadapter_jax.host_memory import share_one_arena
 
     share_one_arena()
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_FLAGS if f.split("=")[0] not in current]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    return "applied"
 
 
 def cpu_has_bfloat16() -> bool | None:

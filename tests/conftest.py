@@ -27,6 +27,10 @@ from clip_fixture import clip_folder  # noqa: E402, F401 (a fixture of the evalu
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+# Start the backends now: the in-process CLI calls of the tests then find the set-up above in every worker alike
+# (xla_flags.configure_xla_for_cpu reports "too late"), whichever test a worker runs first; the CLI subprocesses
+# the tests spawn set themselves up as users' commands do.
+jax.devices()
 
 # The longest test files (`pytest --durations=0`, summed per file, 2-core AMD EPYC), longest first. The workers
 # take whole files in collection order (`--dist loadfile --no-loadscope-reorder`), so these start first and the
