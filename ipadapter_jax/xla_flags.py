@@ -18,12 +18,16 @@ def _has_accelerator() -> bool:
 
 def backends_started() -> bool:
     """Whether JAX has created its backends in this process (XLA reads XLA_FLAGS then, and starts its threads).
-    Importing jax, flax or this library does not start them."""
+    Importing jax, flax or this library does not start them. If this jax cannot say (its private module
+    moved), assume they have: the set-up then stands down, as it did whenever jax was imported."""
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    try:
+        from jax._src import xla_bridge
 
-    return xla_bridge.backends_are_initialized()
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
 
 
 def configure_xla_for_cpu() -> str:

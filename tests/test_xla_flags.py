@@ -60,3 +60,18 @@ def test_opt_out_is_reported_and_leaves_the_flags_alone():
     assert result["first"] == result["late"] == "opted out", result
     assert result["flags"] == "", result
     assert result["refused"] is None, result  # a user's choice, not a mistake of the benchmark
+
+
+def test_a_jax_that_cannot_say_counts_as_started(monkeypatch):
+    from jax._src import xla_bridge
+
+    from ipadapter_jax import xla_flags
+
+    monkeypatch.delattr(xla_bridge, "backends_are_initialized")
+    assert xla_flags.backends_started() is True
+    monkeypatch.delenv("IPADAPTER_JAX_CPU_FLAGS", raising=False)
+    monkeypatch.setattr(xla_flags, "_has_accelerator", lambda: False)
+    monkeypatch.setattr("ipadapter_jax.host_memory.share_one_arena", lambda: pytest.fail("must not change malloc"))
+    before = os.environ.get("XLA_FLAGS")
+    assert xla_flags.configure_xla_for_cpu() == "too late"
+    assert os.environ.get("XLA_FLAGS") == before
