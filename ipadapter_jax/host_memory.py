@@ -10,8 +10,8 @@ frees serve the next: no faults after the first steps.
 The price is resident memory: glibc may place a small allocation in the freed block, and the next step's buffer
 then takes fresh memory beside it, so the process can hold up to one more step's temporaries (SD1.5 at batch 2:
 13.5 instead of 9.4 GiB peak). Hence two stages:
-- `share_one_arena()`, before JAX starts its threads, only in processes this project owns (the CLI and our
-  benchmark sides call it through `xla_flags.configure_xla_for_cpu`; never on library import);
+- `share_one_arena()`, before JAX starts its threads, only in processes that ask for the CPU set-up (the CLI,
+  our benchmark sides, and library users who call `xla_flags.configure_xla_for_cpu`); never on library import;
 - `retain_freed_memory(temp_bytes)`, once the step is compiled (`training/loop.py`), which keeps freed memory only
   in such a process and only when the machine has room for a second copy of the step's temporaries.
 Opt out with IPADAPTER_JAX_RETAIN_MEMORY=0.
