@@ -1,4 +1,5 @@
-"""XLA flags for processes this project owns (the CLI, benchmarks); never applied on library import.
+"""XLA flags for processes that ask for them: the CLI, the benchmarks, and library users who call
+`configure_xla_for_cpu`; never applied on library import.
 
 Must run before JAX starts its backends (the first device query, array or compile); importing jax earlier is fine.
 """
