@@ -5,11 +5,12 @@ here; models/pallas_attention.py's defaults follow these numbers. Estimates, not
 the compiler prices the `ConcatBitcast` joins of inputs it prefetches in slices at -1 s each; they move no data,
 so `optimal_ms` adds them back (`joins`: how many).
 
-    .venv-tpu/bin/python bench/tpu_kernels.py
+    .venv-tpu/bin/python bench/tpu_kernels.py [--chips v5p:2x2x1 ...] [--only SUBSTRING]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -37,17 +38,24 @@ VARIANTS = [("xla", {}), ("pallas pad 512/512", dict(pad_head=True)), ("pallas n
             ("pallas narrow 1024/512", dict(pad_head=False, block_q=1024)),
             ("pallas narrow 512/1024", dict(pad_head=False, block_k=1024)),
             ("pallas lanes 512/512", dict(lanes=True)),
-            ("pallas lanes padded 512/512", dict(lanes=True, pad_lanes=True))]
+            ("pallas lanes padded 512/512", dict(lanes=True, pad_lanes=True)),
+            ("pallas narrow stored probs 512/512", dict(pad_head=False, store_probs=True))]
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--chips", nargs="+", default=["v5p:2x2x1", "v5e:2x2", "v6e:2x2"])
+    p.add_argument("--only", default="", help="compile only variants whose name contains this")
+    args = p.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for chip in ("v5p:2x2x1", "v5e:2x2", "v6e:2x2"):
+    for chip in args.chips:
         one = NamedSharding(Mesh(np.asarray(parse_topology(chip).devices()[:1]), ("d",)), P())
         for shape_name, b, l, s, h, d in SHAPES:
             q = jax.ShapeDtypeStruct((b, l, h, d), jnp.bfloat16, sharding=one)
             kv = jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16, sharding=one)
             for variant, kwargs in VARIANTS:
+                if args.only not in variant:
+                    continue
                 fn = _plain if variant == "xla" else (lambda q, k, v, kw=kwargs: flash_attention(q, k, v, **kw))
                 for what, f in (("fwd", fn), ("fwd+bwd", jax.grad(
                         lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))):

@@ -14,7 +14,8 @@ traced, so no choice depends on catching a failure.
   few image tokens, CLIP and the 16x16 level, whose score matrices are small. The kernels keep the heads in the
   lanes, (B, L, H*D) as the projections write them, or as rows (B*H, L, D) (`lanes`, set by
   `models/target.set_target` from the chip: rows on v5p, lanes on v5e and v6e), whichever the compiler
-  estimates faster for whole programs there (bench/tpu_notes.md);
+  estimates faster for whole programs there (bench/tpu_notes.md); on v5p a training step's kernels also keep the
+  softmax probabilities from the forward for the backward (`store_probs`) where the keys fit one block;
 - no platform given: XLA everywhere (portable, no target-specific path).
 """
 
@@ -45,6 +46,7 @@ class AttentionPolicy:
     requested: Implementation = "auto"
     platform: str | None = None
     lanes: bool = True  # TPU kernels: heads in the lanes (B, L, H*D), else rows (B*H, L, D)
+    store_probs: bool = False  # TPU rows kernels: training keeps P for the backward instead of recomputing it
 
     def __post_init__(self):
         if self.requested not in IMPLEMENTATIONS:
@@ -53,8 +55,8 @@ class AttentionPolicy:
         if self.platform is not None and self.platform not in PLATFORMS:
             raise ConfigError(f"platform {self.platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
 
-    def for_platform(self, platform: str | None, *, lanes: bool = True) -> AttentionPolicy:
-        return dataclasses.replace(self, platform=platform, lanes=lanes)
+    def for_platform(self, platform: str | None, *, lanes: bool = True, store_probs: bool = False) -> AttentionPolicy:
+        return dataclasses.replace(self, platform=platform, lanes=lanes, store_probs=store_probs)
 
     def choose(self, q_shape, k_shape, dtype) -> str:
         """The implementation for queries (B, L, H, D) and keys (B, S, H, D) of `dtype`."""

@@ -39,7 +39,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
-KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq", "ipadapter_flash_bwd")
+KERNEL_NAMES = ("ipadapter_flash_fwd", "ipadapter_flash_dkv", "ipadapter_flash_dq", "ipadapter_flash_bwd",
+                "ipadapter_probs_fwd", "ipadapter_probs_bwd")
+# Stored probabilities (`store_probs`): the training forward keeps the whole softmax for the backward when the key
+# length is at most this (SD1.5's and SDXL's 64x64 latents at 512² and 1024²); a longer row would not fit one
+# kernel block, and its HBM copy grows with L x S.
+STORED_PROBS_MAX_KEYS = 4096
+# Query rows per forward block when a whole key row is one block (4 MiB of float32 scores at 4096 keys). It fits
+# the compiler's default scoped VMEM, which the kernels keep: asking for more (48 MiB) leaves XLA's own operations
+# less on-chip memory in the whole program, and the compiler then estimates the SD1.5 training step on v5p 18%
+# slower (73.6 against 62.6 ms at 8 images per chip, bench/tpu_notes.md).
+_PROBS_BLOCK_Q = 256
 _MASKED = -1e30  # logits of padded keys: exp() underflows to exactly 0
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -67,6 +77,11 @@ class Tiling:
     heads: int = 1  # H: rows = B * H
     lanes: bool = False  # heads left in the lanes, (B, L, H*D) (models/pallas_lanes.py); else rows (B*H, L, D)
     width: int = 0  # lanes layout: the operands' last dimension, H*D or H*D padded to whole 128-lane tiles
+    store_probs: bool = False  # rows layout: the forward under differentiation stores P for the backward
+
+    @property
+    def probs_block_q(self) -> int:
+        return min(_PROBS_BLOCK_Q, self.block_q)
 
     @property
     def channels(self) -> int:
@@ -89,6 +104,7 @@ def kernel_costs(t: Tiling) -> dict[str, pl.CostEstimate]:
     k_bytes = t.rows * t.kv_len * t.head_dim * t.itemsize  # also v, dk, dv
     n_q, n_k = t.q_len // t.block_q, t.kv_len // t.block_k
     stats = _stat_bytes(t)
+    probs = t.rows * t.q_len * t.kv_len * t.itemsize
     return {
         # s = q k^T and p v; k, v re-read for every query block; o and the log-sum-exp written once.
         "ipadapter_flash_fwd": pl.CostEstimate(
@@ -107,6 +123,13 @@ def kernel_costs(t: Tiling) -> dict[str, pl.CostEstimate]:
         "ipadapter_flash_bwd": pl.CostEstimate(
             flops=10 * lsd, transcendentals=exps,
             bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + 2 * stats)),
+        # Stored probabilities: the forward takes a whole key row per block (exact softmax, k and v read once per
+        # row) and writes P; the backward reads P instead of recomputing q k^T and exp: dv, dp, dk and dq.
+        "ipadapter_probs_fwd": pl.CostEstimate(
+            flops=4 * lsd, transcendentals=exps, bytes_accessed=2 * q_bytes + 2 * k_bytes + probs),
+        "ipadapter_probs_bwd": pl.CostEstimate(
+            flops=8 * lsd, transcendentals=0,
+            bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + stats // 2) + probs),
     }
 
 
@@ -114,7 +137,8 @@ def useful_flops(t: Tiling) -> dict[str, int]:
     """FLOPs of the attention math at its real sizes, as XLA counts its own path: 4LSD forward, 8LSD backward
     (dV, dP, dK in the dK/dV kernel; dQ in the dQ kernel). The kernels' recomputation is not counted."""
     lsd = t.rows * (t.q_real or t.q_len) * t.kv_real * (t.head_real or t.head_dim)
-    return {KERNEL_NAMES[0]: 4 * lsd, KERNEL_NAMES[1]: 6 * lsd, KERNEL_NAMES[2]: 2 * lsd, KERNEL_NAMES[3]: 8 * lsd}
+    return {KERNEL_NAMES[0]: 4 * lsd, KERNEL_NAMES[1]: 6 * lsd, KERNEL_NAMES[2]: 2 * lsd, KERNEL_NAMES[3]: 8 * lsd,
+            KERNEL_NAMES[4]: 4 * lsd, KERNEL_NAMES[5]: 8 * lsd}
 
 
 def _meta(t: Tiling, name: str) -> dict[str, str]:
@@ -198,10 +222,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *
         dq_ref[0] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, *,
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, saved_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, *,
                 t: Tiling):
     """Grid (rows, key blocks, query blocks): dK/dV accumulate over the inner query blocks, dQ over the key
-    blocks in a scratch that holds the row's whole query length, written out after the last key block."""
+    blocks in a scratch that holds the row's whole query length, written out after the last key block. `saved_ref`
+    holds the log-sum-exp to recompute P from, or (`store_probs`) P's block itself."""
     kv, qb = pl.program_id(1), pl.program_id(2)
     rows = pl.ds(pl.multiple_of(qb * t.block_q, t.block_q), t.block_q)
 
@@ -215,7 +240,12 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref,
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     q, k, do = q_ref[0], k_ref[0], do_ref[0]
-    p, ds = _probs_and_ds(q, k, v_ref[0], do, lse_ref[0], delta_ref[0], kv, t)
+    if t.store_probs:
+        p = saved_ref[0]
+        dp = lax.dot_general(do, v_ref[0], _NT, preferred_element_type=jnp.float32)
+        ds = p.astype(jnp.float32) * (dp - delta_ref[0][:, :1])
+    else:
+        p, ds = _probs_and_ds(q, k, v_ref[0], do, saved_ref[0], delta_ref[0], kv, t)
     dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
     dq_sc[rows, :] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -230,22 +260,50 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref,
         dq_ref[0, rows, :] = dq_sc[rows, :].astype(dq_ref.dtype)
 
 
-def _backward_fused(q, k, v, do, lse, delta, t: Tiling):
+def _fwd_probs_kernel(q_ref, k_ref, v_ref, o_ref, p_ref, *, t: Tiling):
+    """One block of query rows against the whole key row: the exact softmax, written out for the backward."""
+    v = v_ref[0]
+    s = _masked_logits(q_ref[0], k_ref[0], 0, t)
+    p = jnp.exp(s - s.max(axis=1, keepdims=True))
+    p = p / p.sum(axis=1, keepdims=True)
+    p_ref[0] = p.astype(p_ref.dtype)
+    o_ref[0] = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+
+
+def _forward_probs(q, k, v, t: Tiling):
+    bq = t.probs_block_q
+    q_blocks = pl.BlockSpec((1, bq, t.head_dim), lambda r, i: (r, i, 0))
+    whole_keys = pl.BlockSpec((1, t.kv_len, t.head_dim), lambda r, i: (r, 0, 0))
+    params = None if t.interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    return pl.pallas_call(
+        functools.partial(_fwd_probs_kernel, t=t), grid=(t.rows, t.q_len // bq),
+        in_specs=[q_blocks, whole_keys, whole_keys],
+        out_specs=[q_blocks, pl.BlockSpec((1, bq, t.kv_len), lambda r, i: (r, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((t.rows, t.q_len, t.kv_len), q.dtype)],
+        compiler_params=params, interpret=t.interpret, name=KERNEL_NAMES[4], metadata=_meta(t, KERNEL_NAMES[4]),
+        cost_estimate=kernel_costs(t)[KERNEL_NAMES[4]])(q, k, v)
+
+
+def _backward_fused(q, k, v, do, saved, delta, t: Tiling):
+    """The one-kernel backward; `saved` is the log-sum-exp, or P when the forward stored it (`t.store_probs`)."""
     f32 = jnp.float32
     whole = pl.BlockSpec((1, t.q_len, t.head_dim), lambda r, i, j: (r, 0, 0))
+    saved_spec = (pl.BlockSpec((1, t.block_q, t.block_k), lambda r, i, j: (r, j, i)) if t.store_probs
+                  else _q_spec(t, 2, LANES))
+    name = KERNEL_NAMES[5] if t.store_probs else KERNEL_NAMES[3]
     params = None if t.interpret else pltpu.CompilerParams(
         dimension_semantics=("parallel", "arbitrary", "arbitrary"))
     return pl.pallas_call(
         functools.partial(_bwd_kernel, t=t), grid=(t.rows, t.kv_len // t.block_k, t.q_len // t.block_q),
-        in_specs=[_q_spec(t, 2, t.head_dim), _k_spec(t, 1), _k_spec(t, 1), _q_spec(t, 2, t.head_dim),
-                  _q_spec(t, 2, LANES), _q_spec(t, 2, LANES)],
+        in_specs=[_q_spec(t, 2, t.head_dim), _k_spec(t, 1), _k_spec(t, 1), _q_spec(t, 2, t.head_dim), saved_spec,
+                  _q_spec(t, 2, LANES)],
         out_specs=[whole, _k_spec(t, 1), _k_spec(t, 1)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((t.q_len, t.head_dim), f32), pltpu.VMEM((t.block_k, t.head_dim), f32),
                         pltpu.VMEM((t.block_k, t.head_dim), f32)],
-        compiler_params=params, interpret=t.interpret, name=KERNEL_NAMES[3], metadata=_meta(t, KERNEL_NAMES[3]),
-        cost_estimate=kernel_costs(t)[KERNEL_NAMES[3]])(q, k, v, do, lse, delta)
+        compiler_params=params, interpret=t.interpret, name=name, metadata=_meta(t, name),
+        cost_estimate=kernel_costs(t)[name])(q, k, v, do, saved, delta)
 
 
 def _params(t: Tiling):
@@ -306,24 +364,25 @@ def _flash(q, k, v, t: Tiling):
 
 
 def _flash_fwd(q, k, v, t: Tiling):
-    o, lse = _forward(q, k, v, t)
-    return o, (q, k, v, o, lse)
+    o, saved = (_forward_probs if t.store_probs else _forward)(q, k, v, t)  # P, or the log-sum-exp
+    return o, (q, k, v, o, saved)
 
 
 def _flash_bwd(t: Tiling, residuals, do):
-    q, k, v, o, lse = residuals
+    q, k, v, o, saved = residuals
     delta = jnp.broadcast_to(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True),
-                             lse.shape)
-    return (_backward_fused if t.fused_backward else _backward)(q, k, v, do, lse, delta, t)
+                             (t.rows, t.q_len, LANES))
+    return (_backward_fused if t.fused_backward or t.store_probs else _backward)(q, k, v, do, saved, delta, t)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
-           fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
+           fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False, store_probs: bool = False,
            interpret: bool = False) -> Tiling:
-    """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D)."""
+    """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D). `store_probs` is honoured for the rows
+    layout with at most `STORED_PROBS_MAX_KEYS` keys; other calls recompute P in the backward."""
     b, l, h, d = q_shape
     s = k_shape[1]
     bq = min(block_q, _round_up(l, LANES))
@@ -332,19 +391,21 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
                   head_dim=_round_up(d, LANES) if pad_head and not lanes else d, block_q=bq, block_k=bk,
                   itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
                   fused_backward=fused_backward or lanes, heads=h, lanes=lanes,
-                  width=_round_up(h * d, LANES) if lanes and pad_lanes else 0)
+                  width=_round_up(h * d, LANES) if lanes and pad_lanes else 0,
+                  store_probs=store_probs and not lanes and _round_up(s, bk) <= STORED_PROBS_MAX_KEYS)
 
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
                     fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
-                    interpret: bool = False):
+                    store_probs: bool = False, interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
     q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
     in Pallas' interpreter (any backend, for tests)."""
     b, l, h, d = q_BLHD.shape
     t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
-               fused_backward=fused_backward, lanes=lanes, pad_lanes=pad_lanes, interpret=interpret)
+               fused_backward=fused_backward, lanes=lanes, pad_lanes=pad_lanes, store_probs=store_probs,
+               interpret=interpret)
     scale = jnp.asarray(d**-0.5, q_BLHD.dtype)
     if lanes:
         from ipadapter_jax.models.pallas_lanes import flash_lanes

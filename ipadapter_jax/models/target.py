@@ -35,6 +35,11 @@ def platform_of(mesh_or_devices) -> str:
 # 81.2; SD1.5 generation on v5e; SD1.5 and SDXL training on v5e-256), bench/tpu_notes.md. Other chips take lanes, which
 # every chip estimates faster per kernel call.
 ROWS_CHIPS = ("v5p",)
+# Chips whose training steps keep the softmax probabilities of long self-attention (at most
+# pallas_attention.STORED_PROBS_MAX_KEYS keys) from the forward for the backward, instead of recomputing q k^T
+# and exp there: rows chips only (the lanes kernels always recompute). v5p has the HBM for them (SD1.5 at 8 per
+# chip keeps 2 GiB per 64x64 layer) and the compiler estimates the step faster (bench/tpu_notes.md).
+STORED_PROBS_CHIPS = ("v5p",)
 _CHIPS = {"tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v6 lite": "v6e", "tpu v6e": "v6e", "tpu v5": "v5p",
           "tpu v5p": "v5p", "tpu v4": "v4"}
 
@@ -49,18 +54,21 @@ def chip_of(mesh_or_devices) -> str | None:
 
 def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = None) -> None:
     """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`); a TPU `chip`
-    (`chip_of(mesh)`) picks the attention kernels' layout (heads as rows on `ROWS_CHIPS`, in the lanes elsewhere)."""
+    (`chip_of(mesh)`) picks the attention kernels' layout (heads as rows on `ROWS_CHIPS`, in the lanes elsewhere)
+    and whether their backward reads stored probabilities (`STORED_PROBS_CHIPS`)."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d
 
     cpu = platform == "cpu"
     lanes = chip not in ROWS_CHIPS
+    store_probs = chip in STORED_PROBS_CHIPS
     # Assign only what changes: a module attribute assignment runs flax's checks, and a model built for the mesh's
     # platform (as loads do) then costs one walk over its modules.
     for _, module in nnx.iter_modules(root):
         if isinstance(module, Conv2d) and module.for_cpu != cpu:
             module.for_cpu = cpu
         policy = getattr(module, "attention_impl", None)
-        if isinstance(policy, AttentionPolicy) and (policy.platform, policy.lanes) != (platform, lanes):
-            module.attention_impl = policy.for_platform(platform, lanes=lanes)
+        if isinstance(policy, AttentionPolicy) and (
+                (policy.platform, policy.lanes, policy.store_probs) != (platform, lanes, store_probs)):
+            module.attention_impl = policy.for_platform(platform, lanes=lanes, store_probs=store_probs)

@@ -58,19 +58,23 @@ def test_tpu_target_traced_on_a_cpu_host_uses_the_pallas_kernels():
     assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_bwd" in jaxpr
 
 
-def _kernel_layouts(jaxpr) -> list[str]:
-    """The head layout each Pallas kernel call of a traced program records in its metadata."""
+def _kernels(jaxpr) -> list[tuple[str, str]]:
+    """(name, head layout recorded in its metadata) of each Pallas kernel call of a traced program."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            found.append(dict(eqn.params.get("metadata") or {}).get("layout"))
+            found.append((eqn.params["name"], dict(eqn.params.get("metadata") or {}).get("layout")))
         for value in eqn.params.values():
             for sub in value if isinstance(value, tuple | list) else (value,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found += _kernel_layouts(sub.jaxpr)
+                    found += _kernels(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found += _kernel_layouts(sub)
+                    found += _kernels(sub)
     return found
+
+
+def _kernel_layouts(jaxpr) -> list[str]:
+    return [layout for _, layout in _kernels(jaxpr)]
 
 
 def test_tpu_kernels_keep_heads_as_rows_on_v5p_and_in_the_lanes_elsewhere():
@@ -84,6 +88,19 @@ def test_tpu_kernels_keep_heads_as_rows_on_v5p_and_in_the_lanes_elsewhere():
             x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16)))(*args).jaxpr)
         assert len(training) >= 2 and set(training) == {layout}, chip  # forward and backward kernels
         assert len(forward) >= 1 and set(forward) == {layout}, chip
+
+
+def test_v5p_training_keeps_the_probabilities_and_generation_does_not_write_them():
+    """On v5p (rows) the training gradient's long self-attention stores P in the forward and reads it in the
+    backward; a forward alone (generation) runs the plain flash forward; other chips recompute P."""
+    for chip, training_kernels in (("v5p", {"ipadapter_probs_fwd", "ipadapter_probs_bwd"}),
+                                   ("v5e", {"ipadapter_flash_fwd", "ipadapter_flash_bwd"})):
+        grad, args = _training_gradient("tpu", chip)
+        assert {name for name, _ in _kernels(jax.make_jaxpr(grad)(*args).jaxpr)} == training_kernels, chip
+        graphdef, state = _unet("tpu", chip)
+        forward = _kernels(jax.make_jaxpr(lambda x, state, graphdef=graphdef: nnx.merge(graphdef, state)(
+            x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16)))(*args).jaxpr)
+        assert {name for name, _ in forward} == {"ipadapter_flash_fwd"}, chip
 
 
 def test_chip_of_reads_the_device_kind():
@@ -108,8 +125,10 @@ def test_set_target_makes_static_choices_on_every_module():
     assert not any(c.for_cpu for c in convs)
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
     assert all(a.attention_impl.lanes for a in attentions)
+    assert not any(a.attention_impl.store_probs for a in attentions)
     set_target(unet, "tpu", chip="v5p")
     assert not any(a.attention_impl.lanes for a in attentions)
+    assert all(a.attention_impl.store_probs for a in attentions)
     with pytest.raises(ConfigError, match="quantum"):
         set_target(unet, "quantum")
 

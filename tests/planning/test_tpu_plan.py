@@ -51,9 +51,13 @@ def test_tpu_target_compiles_without_the_cpu_paths(results):
     assert hlo["chips"] == {"v5e:2x2": "v5e", "v5p:2x2x1": "v5p", "v6e:2x2": "v6e"}
 
 
-def test_lanes_kernels_compile_for_v5p(results):
-    r = next(r for r in results if r["job"] == "lanes")
-    assert r["kernels"] == ["ipadapter_flash_bwd", "ipadapter_flash_fwd"]
+@pytest.mark.parametrize(("job", "kernels"), [("lanes", ["ipadapter_flash_bwd", "ipadapter_flash_fwd"]),
+                                             ("probs", ["ipadapter_probs_bwd", "ipadapter_probs_fwd"])])
+def test_attention_kernels_compile_for_v5p(results, job, kernels):
+    """Mosaic accepts the lanes kernels and the stored-probabilities kernels (a whole 4096-key row in one forward
+    block, within the compiler's default scoped VMEM), and the compiler prices them."""
+    r = next(r for r in results if r["job"] == job)
+    assert r["kernels"] == kernels
     assert 0 < r["optimal_seconds"] < 1  # priced (declared costs), not the -1 s of an unpriced operation
 
 
@@ -118,7 +122,7 @@ def test_json_has_the_documented_keys(results):
     keys = {"fits", "topology", "mesh", "batch_per_chip", "hbm_used_bytes_per_chip", "hbm_capacity_bytes_per_chip",
             "flops_per_chip_step", "est_step_s", "est_mfu", "images_per_s", "est_total_hours"}
     for r in results:
-        if r["job"] not in ("hlo", "lanes", "joins"):  # the plans, not the single-program checks
+        if r["job"] not in ("hlo", "lanes", "probs", "joins"):  # the plans, not the single-program checks
             assert keys <= set(r)
 
 

@@ -68,23 +68,24 @@ def hlo_check(topology: str) -> dict:
             **{k: text.count(k) for k in ("tpu_custom_call", "cpu_chunked_attention", "cpu_gemm_conv")}}
 
 
-def lanes_check() -> dict:
-    """The lanes-layout kernels (SD1.5's 40-wide heads, (B, L, H*D)) compiled by Mosaic for one v5p chip, fwd+bwd."""
+def kernel_check(job: str, shape: tuple[int, ...], **kwargs) -> dict:
+    """Our attention kernels for SD1.5's 40-wide heads compiled by Mosaic for one v5p chip, forward and backward:
+    "lanes" (B, L, H*D), or "probs" (rows, P stored for the backward: a whole 4096-key row per forward block)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ipadapter_jax.models.pallas_attention import flash_attention
+    from ipadapter_jax.models.pallas_attention import KERNEL_NAMES, flash_attention
     from ipadapter_jax.planning import parse_topology
 
     one = NamedSharding(jax.sharding.Mesh(parse_topology("v5p:2x2x1").devices()[:1], ("data",)), P())
-    x = jax.ShapeDtypeStruct((2, 1024, 8, 40), jnp.bfloat16, sharding=one)
-    grad = jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v, lanes=True).astype(jnp.float32)), (0, 1, 2))
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=one)
+    grad = jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v, **kwargs).astype(jnp.float32)), (0, 1, 2))
     compiled = jax.jit(grad).lower(x, x, x).compile()
     text = compiled.as_text()
-    return {"job": "lanes", "optimal_seconds": compiled.cost_analysis()["optimal_seconds"],
-            "kernels": sorted({n for n in ("ipadapter_flash_fwd", "ipadapter_flash_bwd") if n in text}),
+    return {"job": job, "optimal_seconds": compiled.cost_analysis()["optimal_seconds"],
+            "kernels": sorted({n for n in KERNEL_NAMES if n in text}),
             "transposes": text.count(" transpose(")}
 
 
@@ -118,7 +119,8 @@ def main(topology: str) -> None:
     from ipadapter_jax.training.config import load_train_config
 
     print(json.dumps(hlo_check(topology)), flush=True)
-    print(json.dumps(lanes_check()), flush=True)
+    print(json.dumps(kernel_check("lanes", (2, 1024, 8, 40), lanes=True)), flush=True)
+    print(json.dumps(kernel_check("probs", (1, 4096, 2, 40), pad_head=False, store_probs=True)), flush=True)
     print(json.dumps(joins_check(topology)), flush=True)
     root = write_base(Path(tempfile.mkdtemp()))
     # `mesh: auto` with a global batch (2) that does not split over the 4 chips (the pick: a data mesh), under
