@@ -2,6 +2,11 @@
 `jax.custom_vjp`. The backward is one kernel (key blocks outer, query blocks inner) that accumulates dK/dV per key
 block and dQ for the row's whole query length on chip, recomputing the scores once: 10 LSD matrix FLOPs where the
 classic two-kernel split (dK/dV, then dQ; `fused_backward=False`) issues 14, estimated ~20% faster on v5p.
+With `store_probs` (rows layout, at most `STORED_PROBS_MAX_KEYS` keys) the forward under differentiation takes a
+whole key row per block, computes the exact softmax and writes P; the same backward kernel then reads P instead
+of recomputing it: 8 LSD and no exp, for P's bytes written once and read once (2 GiB per SD1.5 64x64 layer at 8
+images per chip). Chosen for v5p training (`models/target.py`), where the compiler estimates the whole SD1.5 step
+5% faster (62.6 against 65.6 ms at 8 per chip).
 
 Layout: rows (B*H, L, D). Query and key lengths are padded to whole blocks (padded keys are masked, padded
 queries are sliced off); the head width is padded with zeros to the 128-lane width (`pad_head=True`, SD1.5's
@@ -17,7 +22,9 @@ it. `lanes=True` keeps the heads in the lanes instead, (B, L, H*D) as the projec
 rows on every TPU. Compiled whole, lanes win on v5e and v6e (SDXL generation at 1024², 2 per chip: v5e 226.4
 against 242.7 ms, v6e 69.4 against 81.2 ms; SD1.5 training on v5e-256 33.8 against 35.1 ms) and lose on v5p
 (SD1.5 training at 8 per chip 76.9 against 65.6 ms, SDXL generation 113.4 against 107.0 ms): there the XLA
-operations around the kernels get slower by more than the transposes they save. The caller says which
+operations around the kernels get slower by more than the transposes they save (perhaps because the lanes
+kernels ask for 32 MiB or more of scoped VMEM: a 48 MiB request by the stored-probabilities forward made every
+XLA operation of the SD1.5 step slower, `_PROBS_BLOCK_Q`; not verified for lanes). The caller says which
 (`AttentionPolicy.lanes`, from the chip the program is compiled for: `models/target.py`).
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 

@@ -14,8 +14,8 @@ the next-ranked (COMPILER_TRIES in all):
   compiled SD1.5 step keeps 0.6x what the trace counts), so the count errs towards fitting less. Without a memory
   limit (CPU) nothing is counted;
 - speed per chip ~ b / (b + 0.7) / recompute: per-chip microbatch b, with 0.7 the half-efficiency batch that fits
-  the compiled SD1.5 training step on v5p within a point (estimated MFU 35.5% at 2 images per chip, 43.8% at 8,
-  44.9% at 16, 45.7% at 32), and recompute the extra forward work of the policy (full: one more forward on top of
+  the compiled SD1.5 training step on v5p within a point (estimated MFU 36.7% at 2 images per chip, 45.9% at 8,
+  47.1% at 16, 48.0% at 32), and recompute the extra forward work of the policy (full: one more forward on top of
   forward + backward's three, 4/3; dots_no_batch keeps every matmul and recomputes elementwise work, counted
   1.1). Ties go to the smaller fsdp and the lighter policy.
 
