@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +89,9 @@ class Tiling:
 
     @property
     def probs_block_q(self) -> int:
-        return min(_PROBS_BLOCK_Q, self.block_q)
+        """Query rows per stored-probabilities forward block: 256, or 128 where the padded length is an odd
+        multiple of 128 (a 384-row block for 257-384 queries)."""
+        return math.gcd(self.q_len, _PROBS_BLOCK_Q)
 
     @property
     def channels(self) -> int:

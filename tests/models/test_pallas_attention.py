@@ -57,9 +57,11 @@ def test_kernels_match_xla_forward_and_gradients(case, fused):
         assert rel_err(a, r) < 1e-5, name
 
 
-@pytest.mark.parametrize("case", ["self, padded rows and SD1.5 heads", "self, SD1.5 heads kept 40 wide",
-                                  "cross, 77 text tokens", "cross, 16 IP tokens (Plus)"])
-def test_stored_probabilities_match_xla_forward_and_gradients(case, monkeypatch):
+@pytest.mark.parametrize(("case", "block"), [
+    ("self, padded rows and SD1.5 heads", 128), ("self, SD1.5 heads kept 40 wide", 128),
+    ("cross, 77 text tokens", 128), ("cross, 16 IP tokens (Plus)", 128),
+    ("self, padded rows and SD1.5 heads", 512)])  # default blocks: 320 queries in one 384-row block
+def test_stored_probabilities_match_xla_forward_and_gradients(case, block, monkeypatch):
     """`store_probs`: the forward under differentiation writes the exact softmax (a whole key row per block) and
     the backward reads it: the XLA path's attention and gradients; padded keys hold exactly zero probability."""
     b, l, s, h, d, pad_head = CASES[case]
@@ -75,7 +77,7 @@ def test_stored_probabilities_match_xla_forward_and_gradients(case, monkeypatch)
     monkeypatch.setattr(pa, "_forward_probs", spy)
 
     def flash(q, k, v):
-        return pa.flash_attention(q, k, v, block_q=128, block_k=128, pad_head=pad_head, store_probs=True,
+        return pa.flash_attention(q, k, v, block_q=block, block_k=block, pad_head=pad_head, store_probs=True,
                                   interpret=True)
 
     assert rel_err(jax.jit(flash)(q, k, v), _plain(q, k, v)) < 1e-5
@@ -85,7 +87,8 @@ def test_stored_probabilities_match_xla_forward_and_gradients(case, monkeypatch)
     for name, a, r in zip(("dq", "dk", "dv"), ours, ref, strict=True):
         assert rel_err(a, r) < 1e-5, name
     (probs,) = stored
-    assert probs.shape == (b * h, pa._round_up(l, 128), pa._round_up(s, 128))
+    t = pa.tiling(q.shape, k.shape, q.dtype, block_q=block, block_k=block, store_probs=True)
+    assert probs.shape == (b * h, t.q_len, t.kv_len)
     np.testing.assert_allclose(np.sum(probs[:, :l], axis=-1), 1.0, rtol=1e-5)
     assert not np.any(probs[:, :, s:])
 
@@ -115,6 +118,8 @@ def test_stored_probabilities_in_bfloat16_lose_no_more_than_the_xla_path():
 def test_stored_probabilities_only_where_a_key_row_fits_one_block():
     sd15 = pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16, pad_head=False, store_probs=True)
     assert sd15.store_probs and sd15.probs_block_q == 256
+    short = pa.tiling((1, 320, 2, 40), (1, 320, 2, 40), jnp.float32, store_probs=True)  # one 384-row block
+    assert (short.q_len, short.probs_block_q) == (384, 128)
     longer = pa.tiling((1, 9216, 8, 40), (1, 9216, 8, 40), jnp.bfloat16, store_probs=True)  # 96x96 latents
     lanes = pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16, lanes=True, store_probs=True)
     assert not longer.store_probs and not lanes.store_probs  # these recompute P in the backward
