@@ -139,7 +139,7 @@ def kernel_costs(t: Tiling) -> dict[str, pl.CostEstimate]:
             flops=4 * lsd, transcendentals=exps, bytes_accessed=2 * q_bytes + 2 * k_bytes + probs),
         "ipadapter_probs_bwd": pl.CostEstimate(
             flops=8 * lsd, transcendentals=0,
-            bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + stats // 2) + probs),
+            bytes_accessed=4 * k_bytes + q_bytes + n_k * (2 * q_bytes + stats) + probs),
     }
 
 
