@@ -81,7 +81,7 @@ class Tiling:
     interpret: bool = False
     q_real: int = 0  # unpadded query length and head width (0: as padded), for the useful-FLOP count
     head_real: int = 0
-    fused_backward: bool = False  # one backward kernel, dQ accumulated on chip for the whole query length
+    fused_backward: bool = False  # one backward kernel, dQ on chip for the whole query length (lanes, stored P: always)
     heads: int = 1  # H: rows = B * H
     lanes: bool = False  # heads left in the lanes, (B, L, H*D) (models/pallas_lanes.py); else rows (B*H, L, D)
     width: int = 0  # lanes layout: the operands' last dimension, H*D or H*D padded to whole 128-lane tiles
@@ -382,7 +382,7 @@ def _flash_bwd(t: Tiling, residuals, do):
     q, k, v, o, saved = residuals
     delta = jnp.broadcast_to(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True),
                              (t.rows, t.q_len, LANES))
-    return (_backward_fused if t.fused_backward or t.store_probs else _backward)(q, k, v, do, saved, delta, t)
+    return (_backward_fused if t.fused_backward else _backward)(q, k, v, do, saved, delta, t)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -397,12 +397,12 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
     s = k_shape[1]
     bq = min(block_q, _round_up(l, LANES))
     bk = min(block_k, _round_up(s, LANES))
+    store_probs = store_probs and not lanes and _round_up(s, bk) <= STORED_PROBS_MAX_KEYS
     return Tiling(rows=b * h, q_len=_round_up(l, bq), kv_len=_round_up(s, bk), kv_real=s,
                   head_dim=_round_up(d, LANES) if pad_head and not lanes else d, block_q=bq, block_k=bk,
                   itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
-                  fused_backward=fused_backward or lanes, heads=h, lanes=lanes,
-                  width=_round_up(h * d, LANES) if lanes and pad_lanes else 0,
-                  store_probs=store_probs and not lanes and _round_up(s, bk) <= STORED_PROBS_MAX_KEYS)
+                  fused_backward=fused_backward or lanes or store_probs, heads=h, lanes=lanes,
+                  width=_round_up(h * d, LANES) if lanes and pad_lanes else 0, store_probs=store_probs)
 
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
