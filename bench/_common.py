@@ -9,6 +9,7 @@ benchmarks run each side once with several timed repeats. All report medians.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,45 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+# AMD's family numbers by core generation (family 25 covers Zen 3 and Zen 4: told apart by model range).
+_AMD_FAMILIES = {23: "Zen/Zen 2", 26: "Zen 5"}
+_ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+
+
+def host_cpu(cpuinfo: str | None = None) -> str:
+    """This machine's CPU in one phrase for a benchmark's header, e.g. "AMD EPYC (Zen 5: family 26, model 2), 2
+    CPUs, AVX-512 with BF16" (from /proc/cpuinfo, or the text given): ratios against PyTorch differ between CPU
+    generations of the same name, so every quoted number names the generation."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            import platform
+
+            return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    info: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip() and info:
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name", "unknown CPU")
+    family, model = int(info.get("cpu family", "0")), int(info.get("model", "0"))
+    generation = ""
+    if info.get("vendor_id") == "AuthenticAMD":
+        if family == 25:
+            generation = "Zen 4" if any(model in r for r in _ZEN4_MODELS) else "Zen 3"
+        else:
+            generation = _AMD_FAMILIES.get(family, "")
+    flags = set(info.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        vector += " with BF16" + (" and AMX" if "amx_bf16" in flags else "")
+    where = f"{generation}: family {family}, model {model}" if generation else f"family {family}, model {model}"
+    return f"{name} ({where}), {os.cpu_count()} CPUs, {vector}"
 
 
 def configure_xla_for_cpu() -> None:

@@ -12,12 +12,12 @@ process (see _common.py). Reports what a user feels, each against diffusers:
 On a GPU also images/s and the fraction of peak FLOP/s.
 
     python bench/generate.py [--steps 30] [--size 512] [--batch 1] [--repeats 2] [--processes 2]
-                             [--dtype float32] [--controlnet]
+                             [--processes-only] [--dtype float32] [--controlnet]
 
 Last line: RESULT name=generate ours_s=<steady median> reference_s=<median> speedup=<reference/ours>
 load_ours_s=.. load_reference_s=.. first_ours_s=.. first_reference_s=.. process_cold_ours_s=..
 process_cold_compile_ours_s=<median> process_warm_ours_s=<median> process_reference_s=<median>
-process_warm_speedup=<reference/warm> (one line)
+process_warm_speedup=<reference/warm> (one line; with --processes-only the process_* keys alone)
 
 With --controlnet an SD1.5-size ControlNet is written too and each side times calls with and without it, in
 turn, in the same process; the last line is then the added cost of one ControlNet per denoising step:
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import configure_xla_for_cpu, emit, run_side
+from _common import configure_xla_for_cpu, emit, host_cpu, run_side
 
 from ipadapter_jax.tiny_models import (
     SCHEDULER,
@@ -272,9 +272,13 @@ def main() -> None:
     p.add_argument("--controlnet", action="store_true", help="the added cost of one ControlNet per step")
     p.add_argument("--processes", type=int, default=2,
                    help="rounds of whole commands in new processes, ours warm against diffusers (0: skip)")
+    p.add_argument("--processes-only", action="store_true",
+                   help="only the whole-process rounds (no in-process load, first call or steady calls)")
     p.add_argument("--side", choices=["ours", "reference", "reference-process"], help=argparse.SUPPRESS)
     p.add_argument("--process-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.processes_only and args.processes < 1:
+        p.error("--processes-only needs --processes 1 or more")
     root = args.models or Path(tempfile.mkdtemp(prefix="ipadapter-bench-"))
     base, encoder, adapter = root / "sd15", root / "image_encoder", root / "ip-adapter_sd15.safetensors"
     if args.side == "ours":
@@ -290,10 +294,12 @@ def main() -> None:
     if args.controlnet and not (root / "controlnet" / "config.json").exists():
         write_controlnet(root, base)
     print(f"models in {root} ({time.perf_counter() - start:.0f} s to write); {args.steps} steps, "
-          f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {os.cpu_count()} CPUs")
+          f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {host_cpu()}")
     argv = [a for a in sys.argv[1:] if a != "--skip-reference"] + ([] if args.models else ["--models", str(root)])
     if args.controlnet:
         return controlnet_result(argv, args)
+    if args.processes_only:
+        return emit_result(process_result(root, argv, args))
     ours = run_side(Path(__file__), argv, "ours")
     median = statistics.median(ours["times"])
     print(f"ours (jax {ours['jax']} on {ours['device']}): load {ours['load_s']:.1f} s, first call (compile + run) "
@@ -317,16 +323,24 @@ def main() -> None:
               "load_ours_s": ours["load_s"], "load_reference_s": ref["load_s"], "first_ours_s": ours["first_s"],
               "first_reference_s": ref["first_s"]}
     if args.processes > 0:
-        proc = process_times(root, argv, args)
-        warm, reference = statistics.median(proc["warm"]), statistics.median(proc["reference"])
-        cold_compile = statistics.median(proc["cold_compile"])
-        print(f"process, ours with warm caches: median {warm:.1f} s ({', '.join(f'{t:.1f}' for t in proc['warm'])}); "
-              f"diffusers: median {reference:.1f} s ({', '.join(f'{t:.1f}' for t in proc['reference'])}); "
-              f"cold ours / diffusers: {proc['cold'] / reference:.2f}x the time, compile cache cold: "
-              f"{cold_compile / reference:.2f}x")
-        result |= {"process_cold_ours_s": proc["cold"], "process_cold_compile_ours_s": cold_compile,
-                   "process_warm_ours_s": warm,
-                   "process_reference_s": reference, "process_warm_speedup": reference / warm}
+        result |= process_result(root, argv, args)
+    emit_result(result)
+
+
+def process_result(root: Path, argv: list[str], args) -> dict[str, float]:
+    """The whole-process rounds, printed, as RESULT keys."""
+    proc = process_times(root, argv, args)
+    warm, reference = statistics.median(proc["warm"]), statistics.median(proc["reference"])
+    cold_compile = statistics.median(proc["cold_compile"])
+    print(f"process, ours with warm caches: median {warm:.1f} s ({', '.join(f'{t:.1f}' for t in proc['warm'])}); "
+          f"diffusers: median {reference:.1f} s ({', '.join(f'{t:.1f}' for t in proc['reference'])}); "
+          f"cold ours / diffusers: {proc['cold'] / reference:.2f}x the time, compile cache cold: "
+          f"{cold_compile / reference:.2f}x")
+    return {"process_cold_ours_s": proc["cold"], "process_cold_compile_ours_s": cold_compile,
+            "process_warm_ours_s": warm, "process_reference_s": reference, "process_warm_speedup": reference / warm}
+
+
+def emit_result(result: dict[str, float]) -> None:
     print("RESULT name=generate " + " ".join(f"{k}={v:.4f}" if k.endswith("_s") else f"{k}={v:.2f}"
                                              for k, v in result.items()))
 

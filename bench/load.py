@@ -12,13 +12,12 @@ Last line: RESULT name=load ours_s=<median, cached> reference_s=<median> speedup
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import alternate, configure_xla_for_cpu, emit, run_side
+from _common import alternate, configure_xla_for_cpu, emit, host_cpu, run_side
 from generate import write_models
 
 
@@ -66,7 +65,7 @@ def main() -> None:
         write_models(root)
     argv = ["--models", str(root)]
     warm = run_side(Path(__file__), argv, "ours-cached")["times"][0]  # writes the cache entry
-    print(f"models in {root}; {os.cpu_count()} CPUs; the load that wrote the cache took {warm:.2f} s")
+    print(f"models in {root}; {host_cpu()}; the load that wrote the cache took {warm:.2f} s")
     reports = alternate(Path(__file__), argv, args.rounds, sides=("ours-cold", "ours-cached", "reference"))
     med = {side: statistics.median(t for r in rs for t in r["times"]) for side, rs in reports.items()}
     for side, rs in reports.items():

@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import configure_xla_for_cpu, emit, run_side
+from _common import configure_xla_for_cpu, emit, host_cpu, run_side
 
 SD15_UNET = {
     "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
@@ -327,7 +327,7 @@ def main() -> None:
     configure_xla_for_cpu()
     import jax
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {host_cpu()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; SD1.5 UNet float32, batch {args.batch}, "
           f"{args.latent}x{args.latent} latents, {TOKENS} image tokens, AdamW")
     results = {}

@@ -10,12 +10,11 @@ Last line: RESULT name=unet_blocks ours_s=<sum of fwd+bwd medians> reference_s=<
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
-from _common import configure_xla_for_cpu, emit, run_side
+from _common import configure_xla_for_cpu, emit, host_cpu, run_side
 from train_step import SD15_UNET, _to_torch
 
 # name, block path in the UNet, input side (pixels), input channels (None: the resnet's own), kind
@@ -156,7 +155,7 @@ def main() -> None:
         argv += ["--blocks", args.blocks]
     ours = run_side(Path(__file__), argv, "ours")["blocks"]
     ref = run_side(Path(__file__), argv, "reference")["blocks"]
-    print(f"SD1.5 UNet blocks, float32, batch {args.batch}, {os.cpu_count()} CPUs; medians of {args.repeats} (ms)")
+    print(f"SD1.5 UNet blocks, float32, batch {args.batch}, {host_cpu()}; medians of {args.repeats} (ms)")
     print(f"{'block':15s} {'ours fwd':>9s} {'torch fwd':>9s} {'ours f+b':>9s} {'torch f+b':>9s} {'ratio f+b':>9s}")
     for name in ours:
         o, r = ours[name], ref[name]

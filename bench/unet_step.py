@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import alternate, configure_xla_for_cpu, emit, median_of, timed
+from _common import alternate, configure_xla_for_cpu, emit, host_cpu, median_of, timed
 
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -157,7 +157,7 @@ def main() -> None:
     first = reports["ours"][0]
     ours_s, ours_t = median_of(reports["ours"])
     flops = first["flops"]
-    print(f"jax {first['jax']} on {first['device']}, {os.cpu_count()} CPUs, XLA_FLAGS={first['xla_flags']!r}; "
+    print(f"jax {first['jax']} on {first['device']}, {host_cpu()}, XLA_FLAGS={first['xla_flags']!r}; "
           f"batch {args.batch}, {args.latent}x{args.latent} latents, {args.dtype}")
     print(f"ours: compile {first['compile_s']:.1f} s, median {ours_s:.3f} s over {len(ours_t)} "
           f"({', '.join(f'{s:.2f}' for s in ours_t)}), {flops / ours_s / 1e9:.0f} GFLOP/s of {flops / 1e12:.3f} TFLOP")
