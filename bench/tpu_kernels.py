@@ -39,7 +39,8 @@ VARIANTS = [("xla", {}), ("pallas pad 512/512", dict(pad_head=True)), ("pallas n
             ("pallas narrow 512/1024", dict(pad_head=False, block_k=1024)),
             ("pallas lanes 512/512", dict(lanes=True)),
             ("pallas lanes padded 512/512", dict(lanes=True, pad_lanes=True)),
-            ("pallas narrow stored probs 512/512", dict(pad_head=False, store_probs=True))]
+            ("pallas narrow stored probs 512/512", dict(pad_head=False, store_probs=True)),
+            ("pallas tokens", dict(tokens=True))]
 
 
 def main() -> None:

@@ -119,7 +119,8 @@ def attention(q_BLHD, k_BSHD, v_BSHD, implementation: Implementation | Attention
     if implementation == "pallas":
         from ipadapter_jax.models.pallas_attention import sharded_flash_attention
 
-        out = sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, lanes=policy.lanes, store_probs=policy.store_probs)
+        out = sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, lanes=policy.lanes, store_probs=policy.store_probs,
+                                      tokens=policy.tokens)
         return _plain(q_BLHD, k_BSHD, v_BSHD) if out is None else out
     return _plain(q_BLHD, k_BSHD, v_BSHD)
 

@@ -12,10 +12,11 @@ traced, so no choice depends on catching a failure.
 - tpu: our Pallas flash-attention kernels (`models/pallas_attention.py`) when both sequences are long (the
   UNet's and VAE's self-attention at 32x32 latents and above), XLA otherwise: cross-attention to 77 text or a
   few image tokens, CLIP and the 16x16 level, whose score matrices are small. The kernels keep the heads in the
-  lanes, (B, L, H*D) as the projections write them, or as rows (B*H, L, D) (`lanes`, set by
-  `models/target.set_target` from the chip: rows on v5p, lanes on v5e and v6e), whichever the compiler
-  estimates faster for whole programs there (bench/tpu_notes.md); on v5p a training step's kernels also keep the
-  softmax probabilities from the forward for the backward (`store_probs`) where the keys fit one block;
+  lanes, (B, L, H*D) as the projections write them, or as rows (B*H, L, D), or the tokens in the lanes
+  (B*H, D, L), the layout XLA keeps the projections in (`lanes` and `tokens`, set by `models/target.set_target`
+  from the chip: tokens on v5p where the keys fit one block, rows beyond, lanes on v5e and v6e), whichever the
+  compiler estimates faster for whole programs there (bench/tpu_notes.md); on v5p a training step's kernels also
+  keep the softmax probabilities from the forward for the backward (`store_probs`) where the keys fit one block;
 - no platform given: XLA everywhere (portable, no target-specific path).
 """
 
@@ -47,6 +48,7 @@ class AttentionPolicy:
     platform: str | None = None
     lanes: bool = True  # TPU kernels: heads in the lanes (B, L, H*D), else rows (B*H, L, D)
     store_probs: bool = False  # TPU rows kernels: training keeps P for the backward instead of recomputing it
+    tokens: bool = False  # TPU kernels: tokens in the lanes (B*H, D, L) where the keys fit one block
 
     def __post_init__(self):
         if self.requested not in IMPLEMENTATIONS:
@@ -55,8 +57,9 @@ class AttentionPolicy:
         if self.platform is not None and self.platform not in PLATFORMS:
             raise ConfigError(f"platform {self.platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
 
-    def for_platform(self, platform: str | None, *, lanes: bool = True, store_probs: bool = False) -> AttentionPolicy:
-        return dataclasses.replace(self, platform=platform, lanes=lanes, store_probs=store_probs)
+    def for_platform(self, platform: str | None, *, lanes: bool = True, store_probs: bool = False,
+                     tokens: bool = False) -> AttentionPolicy:
+        return dataclasses.replace(self, platform=platform, lanes=lanes, store_probs=store_probs, tokens=tokens)
 
     def choose(self, q_shape, k_shape, dtype) -> str:
         """The implementation for queries (B, L, H, D) and keys (B, S, H, D) of `dtype`."""

@@ -25,7 +25,9 @@ against 242.7 ms, v6e 69.4 against 81.2 ms; SD1.5 training on v5e-256 33.8 again
 operations around the kernels get slower by more than the transposes they save (perhaps because the lanes
 kernels ask for 32 MiB or more of scoped VMEM: a 48 MiB request by the stored-probabilities forward made every
 XLA operation of the SD1.5 step slower, `_PROBS_BLOCK_Q`; not verified for lanes). The caller says which
-(`AttentionPolicy.lanes`, from the chip the program is compiled for: `models/target.py`).
+(`AttentionPolicy.lanes`, from the chip the program is compiled for: `models/target.py`). `tokens=True` (v5p)
+hands every call whose keys fit one block to the tokens-in-lanes kernels (models/pallas_tokens.py): (B*H, D, L),
+the layout XLA already keeps the projections in, so nothing is transposed around them.
 Per-row statistics (log-sum-exp, and the backward's rowsum(dO * O)) are stored 128 lanes wide, the TPU's tile.
 
 Every kernel declares its cost (`pl.CostEstimate`): the TPU compiler cannot see inside a Mosaic kernel and would
@@ -407,12 +409,17 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
                     fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
-                    store_probs: bool = False, interpret: bool = False):
+                    store_probs: bool = False, tokens: bool = False, interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
     q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
-    in Pallas' interpreter (any backend, for tests)."""
+    in Pallas' interpreter (any backend, for tests). `tokens` takes the tokens-in-lanes kernels
+    (models/pallas_tokens.py) where the keys fit one block (`STORED_PROBS_MAX_KEYS`), the other layout otherwise."""
     b, l, h, d = q_BLHD.shape
+    if tokens and _round_up(k_BSHD.shape[1], LANES) <= STORED_PROBS_MAX_KEYS:
+        from ipadapter_jax.models.pallas_tokens import tokens_attention
+
+        return tokens_attention(q_BLHD, k_BSHD, v_BSHD, interpret=interpret)
     t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
                fused_backward=fused_backward, lanes=lanes, pad_lanes=pad_lanes, store_probs=store_probs,
                interpret=interpret)

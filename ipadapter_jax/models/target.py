@@ -29,10 +29,11 @@ def platform_of(mesh_or_devices) -> str:
     return platform
 
 
-# TPU chips whose programs keep the Pallas kernels' heads as rows. Compiled whole, every v5p program estimates
-# rows faster (SD1.5 training at 2 and 8 per chip, SDXL training at 1, SDXL generation at 2: 107.0 against
-# 113.4 ms), every v5e and v6e program lanes (SDXL generation on v5e 226.4 against 242.7 ms, on v6e 69.4 against
-# 81.2; SD1.5 generation on v5e; SD1.5 and SDXL training on v5e-256), bench/tpu_notes.md. Other chips take lanes, which
+# TPU chips whose programs keep the Pallas kernels' heads as rows where the tokens layout (below) does not apply
+# (keys longer than one block). Compiled whole, every v5p program estimates rows faster than lanes (SD1.5
+# training at 2 and 8 per chip, SDXL training at 1, SDXL generation at 2: 107.0 against 113.4 ms), every v5e
+# and v6e program lanes (SDXL generation on v5e 226.4 against 242.7 ms, on v6e 69.4 against 81.2; SD1.5
+# generation on v5e; SD1.5 and SDXL training on v5e-256), bench/tpu_notes.md. Other chips take lanes, which
 # every chip estimates faster per kernel call.
 ROWS_CHIPS = ("v5p",)
 # Chips whose training steps keep the softmax probabilities of long self-attention (at most
@@ -40,6 +41,11 @@ ROWS_CHIPS = ("v5p",)
 # and exp there: rows chips only (the lanes kernels always recompute). v5p has the HBM for them (SD1.5 at 8 per
 # chip keeps 2 GiB per 64x64 layer) and the compiler estimates the step faster (bench/tpu_notes.md).
 STORED_PROBS_CHIPS = ("v5p",)
+# Chips whose programs run self-attention with keys up to pallas_attention.STORED_PROBS_MAX_KEYS through the
+# tokens-in-lanes kernels (models/pallas_tokens.py), the layout XLA keeps the projections in: no transposes around
+# the kernels. The SD1.5 training step at 32 per chip on v5p estimates 228.2 against 239.0 ms with rows
+# (bench/tpu_notes.md).
+TOKENS_CHIPS = ("v5p",)
 _CHIPS = {"tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v6 lite": "v6e", "tpu v6e": "v6e", "tpu v5": "v5p",
           "tpu v5p": "v5p", "tpu v4": "v4"}
 
@@ -54,8 +60,9 @@ def chip_of(mesh_or_devices) -> str | None:
 
 def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = None) -> None:
     """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`); a TPU `chip`
-    (`chip_of(mesh)`) picks the attention kernels' layout (heads as rows on `ROWS_CHIPS`, in the lanes elsewhere)
-    and whether their backward reads stored probabilities (`STORED_PROBS_CHIPS`)."""
+    (`chip_of(mesh)`) picks the attention kernels' layout (tokens in the lanes on `TOKENS_CHIPS` where the keys fit
+    one block, heads as rows on `ROWS_CHIPS`, in the lanes elsewhere) and whether their backward reads stored
+    probabilities (`STORED_PROBS_CHIPS`)."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d
@@ -63,6 +70,7 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
     cpu = platform == "cpu"
     lanes = chip not in ROWS_CHIPS
     store_probs = chip in STORED_PROBS_CHIPS
+    tokens = chip in TOKENS_CHIPS
     # Assign only what changes: a module attribute assignment runs flax's checks, and a model built for the mesh's
     # platform (as loads do) then costs one walk over its modules.
     for _, module in nnx.iter_modules(root):
@@ -70,5 +78,6 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
             module.for_cpu = cpu
         policy = getattr(module, "attention_impl", None)
         if isinstance(policy, AttentionPolicy) and (
-                (policy.platform, policy.lanes, policy.store_probs) != (platform, lanes, store_probs)):
-            module.attention_impl = policy.for_platform(platform, lanes=lanes, store_probs=store_probs)
+                (policy.platform, policy.lanes, policy.store_probs, policy.tokens)
+                != (platform, lanes, store_probs, tokens)):
+            module.attention_impl = policy.for_platform(platform, lanes=lanes, store_probs=store_probs, tokens=tokens)

@@ -77,10 +77,10 @@ def _kernel_layouts(jaxpr) -> list[str]:
     return [layout for _, layout in _kernels(jaxpr)]
 
 
-def test_tpu_kernels_keep_heads_as_rows_on_v5p_and_in_the_lanes_elsewhere():
+def test_tpu_kernels_keep_tokens_in_the_lanes_on_v5p_and_heads_in_the_lanes_elsewhere():
     """The layouts the TPU compiler estimates faster for whole programs on each chip (bench/tpu_notes.md), in a
     training gradient and in a forward (generation) alike."""
-    for chip, layout in (("v5p", "rows"), ("v5e", "lanes"), ("v6e", "lanes"), (None, "lanes")):
+    for chip, layout in (("v5p", "tokens"), ("v5e", "lanes"), ("v6e", "lanes"), (None, "lanes")):
         grad, args = _training_gradient("tpu", chip)
         training = _kernel_layouts(jax.make_jaxpr(grad)(*args).jaxpr)
         graphdef, state = _unet("tpu", chip)
@@ -91,8 +91,8 @@ def test_tpu_kernels_keep_heads_as_rows_on_v5p_and_in_the_lanes_elsewhere():
 
 
 def test_v5p_training_keeps_the_probabilities_and_generation_does_not_write_them():
-    """On v5p (rows) the training gradient's long self-attention stores P in the forward and reads it in the
-    backward; a forward alone (generation) runs the plain flash forward; other chips recompute P."""
+    """On v5p (tokens in the lanes) the training gradient's long self-attention stores P in the forward and reads
+    it in the backward; a forward alone (generation) runs the plain flash forward; other chips recompute P."""
     for chip, training_kernels in (("v5p", {"ipadapter_probs_fwd", "ipadapter_probs_bwd"}),
                                    ("v5e", {"ipadapter_flash_fwd", "ipadapter_flash_bwd"})):
         grad, args = _training_gradient("tpu", chip)
@@ -126,9 +126,10 @@ def test_set_target_makes_static_choices_on_every_module():
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
     assert all(a.attention_impl.lanes for a in attentions)
     assert not any(a.attention_impl.store_probs for a in attentions)
+    assert not any(a.attention_impl.tokens for a in attentions)
     set_target(unet, "tpu", chip="v5p")
     assert not any(a.attention_impl.lanes for a in attentions)
-    assert all(a.attention_impl.store_probs for a in attentions)
+    assert all(a.attention_impl.store_probs and a.attention_impl.tokens for a in attentions)
     with pytest.raises(ConfigError, match="quantum"):
         set_target(unet, "quantum")
 

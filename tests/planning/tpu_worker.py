@@ -89,6 +89,33 @@ def kernel_check(job: str, shape: tuple[int, ...], **kwargs) -> dict:
             "transposes": text.count(" transpose(")}
 
 
+def layout_check(job: str, shape: tuple[int, ...], **kwargs) -> dict:
+    """One SD1.5-width attention block for one v5p chip, as the UNet runs it (q, k, v projections, attention, output
+    projection), differentiated: the compiler's layout copies (transposes) around our kernels, by its own cycles."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.models.pallas_attention import KERNEL_NAMES, flash_attention
+    from ipadapter_jax.planning import parse_topology
+    from ipadapter_jax.planning.ops import op_costs
+
+    b, l, h, d = shape
+
+    def block(x, wq, wk, wv, wo):
+        heads = [(x @ w).reshape(b, l, h, d) for w in (wq, wk, wv)]
+        return jnp.sum((flash_attention(*heads, **kwargs).reshape(b, l, h * d) @ wo).astype(jnp.float32) ** 2)
+
+    one = NamedSharding(jax.sharding.Mesh(parse_topology("v5p:2x2x1").devices()[:1], ("data",)), P())
+    x = jax.ShapeDtypeStruct((b, l, h * d), jnp.bfloat16, sharding=one)
+    w = jax.ShapeDtypeStruct((h * d, h * d), jnp.bfloat16, sharding=one)
+    text = jax.jit(jax.grad(block, (0, 1))).lower(x, w, w, w, w).compile().as_text()
+    ops = [o for o in op_costs(text) if o.cycles > 0]
+    return {"job": job, "kernels": sorted({n for n in KERNEL_NAMES if n in text}),
+            "copy_cycles": sum(o.cycles for o in ops if o.kind == "copy"), "cycles": sum(o.cycles for o in ops)}
+
+
 def joins_check(topology: str) -> dict:
     """Eight 1280x1280 bfloat16 matrix products for one chip of the slice: on v5e the compiler prefetches a weight
     in row slices joined by a `ConcatBitcast`, which its cost model prices at -1 s; planning/ops.py counts them."""
@@ -122,6 +149,8 @@ def main(topology: str) -> None:
     print(json.dumps(kernel_check("lanes", (2, 1024, 8, 40), lanes=True)), flush=True)
     print(json.dumps(kernel_check("probs", (1, 4096, 2, 40), pad_head=False, store_probs=True)), flush=True)
     print(json.dumps(joins_check(topology)), flush=True)
+    for job, kwargs in (("block rows", dict(pad_head=False, store_probs=True)), ("block tokens", dict(tokens=True))):
+        print(json.dumps(layout_check(job, (2, 1024, 8, 40), **kwargs)), flush=True)
     root = write_base(Path(tempfile.mkdtemp()))
     # `mesh: auto` with a global batch (2) that does not split over the 4 chips (the pick: a data mesh), under
     # remat; then data x fsdp (the UNet split) without

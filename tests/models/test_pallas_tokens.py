@@ -1,0 +1,109 @@
+"""The tokens-in-lanes attention kernels (models/pallas_tokens.py, run by Pallas' interpreter on CPU) compute the
+XLA path's attention and its gradients, store P only under differentiation, and declare the work they issue
+(bfloat16 accuracy: test_pallas_attention.py).
+
+Bounds as in test_pallas_attention.py: float32 on both sides, the kernels reorder the softmax sums and take
+rowsum(dO * O) as rowsum(P * dP), so results differ by rounding accumulated over a few hundred terms (measured
+4e-8 to 4e-7), bounded at 1e-5.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference_models import rel_err
+
+from ipadapter_jax.models import pallas_attention as pa
+from ipadapter_jax.models import pallas_tokens as pt
+from ipadapter_jax.models.attention import _plain
+
+
+def _qkv(b, l, s, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+                 for shape in ((b, l, h, d), (b, s, h, d), (b, s, h, d)))
+
+
+def _loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # a different cotangent for every element
+
+
+def _flash(q, k, v):
+    return pa.flash_attention(q, k, v, tokens=True, interpret=True)
+
+
+CASES = {
+    "SD1.5 heads, two query blocks": (1, 256, 256, 2, 40),
+    "padded rows (320 -> 384, three blocks)": (2, 320, 320, 2, 40),
+    "cross, 77 text tokens (keys padded to 128, masked)": (2, 256, 77, 2, 40),
+    "cross, 16 IP tokens, SDXL width": (1, 128, 16, 2, 64),
+    "SD1.5 32x32 width": (1, 128, 200, 1, 80),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tokens_layout_matches_xla_forward_and_gradients(case, monkeypatch):
+    b, l, s, h, d = CASES[case]
+    q, k, v = _qkv(b, l, s, h, d, seed=len(case))
+    stored = []
+    forward = pt._forward
+
+    def spy(q, k, v, t, scale, store):
+        out = forward(q, k, v, t, scale, store)
+        stored.append(out[1])
+        return out
+
+    monkeypatch.setattr(pt, "_forward", spy)
+    assert rel_err(jax.jit(_flash)(q, k, v), _plain(q, k, v)) < 1e-5
+    assert stored == [None]  # a forward alone writes no probabilities
+    stored.clear()
+    ours = jax.grad(_loss(_flash), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.jit(jax.grad(_loss(_plain), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a, r) < 1e-5, name
+    (probs,) = stored
+    t = pt.tiling(q.shape, k.shape, q.dtype)
+    assert probs.shape == (b * h, t.q_len, t.kv_len)
+    np.testing.assert_allclose(np.sum(probs[:, :l], axis=-1), 1.0, rtol=1e-5)
+    assert not np.any(probs[:, :, s:])  # padded keys: exactly zero probability
+
+
+def _kernel_layouts(fn, *shapes):
+    jaxpr = str(jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes)))
+    return {layout for layout in ("tokens", "rows", "lanes") if f'"layout":"{layout}"' in jaxpr
+            or f"'layout': '{layout}'" in jaxpr}
+
+
+def test_tokens_only_where_the_keys_fit_one_block():
+    """Keys up to STORED_PROBS_MAX_KEYS take the tokens kernels; a longer key row (96x96 latents) takes the rows
+    kernels, which stream key blocks."""
+    def grad(q, k, v):
+        return jax.grad(lambda q, k, v: jnp.sum(pa.flash_attention(q, k, v, tokens=True, pad_head=False,
+                                                                    store_probs=True).astype(jnp.float32)),
+                        (0, 1, 2))(q, k, v)
+
+    sd15 = (2, 4096, 8, 40)
+    assert _kernel_layouts(grad, sd15, sd15, sd15) == {"tokens"}
+    longer = (1, 9216, 8, 40)
+    assert _kernel_layouts(grad, longer, longer, longer) == {"rows"}
+
+
+def test_declared_costs_count_the_issued_work():
+    t = pt.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16)  # SD1.5 64x64 self-attention, bf16
+    assert (t.block_q, t.block_k, t.head_dim) == (pt.BLOCK_Q, 4096, 40)
+    costs = pt.token_costs(t)
+    lsd = 16 * 4096 * 4096 * 128  # the 40-wide contraction and the 40 rows of v^T P^T still take 128 in the MXU
+    q = 16 * 4096 * 40 * 2  # one of q, k, v, o, do, dq, dk, dv: 40 sublanes, no lane padding
+    probs = 16 * 4096 * 4096 * 2
+    assert costs["ipadapter_flash_fwd"].flops == costs["ipadapter_probs_fwd"].flops == 4 * lsd
+    assert costs["ipadapter_probs_bwd"].flops == 8 * lsd and costs["ipadapter_probs_bwd"].transcendentals == 0
+    assert costs["ipadapter_flash_fwd"].transcendentals == 16 * 4096 * 4096  # one exp per score
+    # k and v are read once per row (their block does not move along the query blocks); no statistics in HBM
+    assert costs["ipadapter_flash_fwd"].bytes_accessed == 4 * q
+    assert costs["ipadapter_probs_fwd"].bytes_accessed == 4 * q + probs
+    assert costs["ipadapter_probs_bwd"].bytes_accessed == 7 * q + probs
+    rows = pa.kernel_costs(pa.tiling((2, 4096, 8, 40), (2, 4096, 8, 40), jnp.bfloat16, pad_head=False,
+                                     store_probs=True))
+    assert costs["ipadapter_probs_bwd"].bytes_accessed < rows["ipadapter_probs_bwd"].bytes_accessed
