@@ -159,12 +159,16 @@ def _meta(t: Tiling, name: str) -> dict[str, str]:
     return {"useful_flops": str(useful_flops(t)[name]), "layout": "rows"}
 
 
-def _masked_logits(q, k, kv_block, t: Tiling):
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+def mask_padded_keys(s, kv_block, t: Tiling):
+    """Logits (queries, keys of block `kv_block`) with the keys past the real length set to `_MASKED`."""
     if t.kv_real != t.kv_len:
         cols = kv_block * t.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(cols < t.kv_real, s, _MASKED)
     return s
+
+
+def _masked_logits(q, k, kv_block, t: Tiling):
+    return mask_padded_keys(lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32), kv_block, t)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, t: Tiling):

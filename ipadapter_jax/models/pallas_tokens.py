@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ipadapter_jax.models.pallas_attention import _MASKED, KERNEL_NAMES, LANES, Tiling, _round_up, useful_flops
+from ipadapter_jax.models.pallas_attention import KERNEL_NAMES, LANES, Tiling, _round_up, mask_padded_keys, useful_flops
 
 # Query rows per grid step. The compiler's estimate is the same at 128 and 256 (the kernels are bound by the matrix
 # unit), and 128 leaves room: SDXL's 64-wide heads at 256 rows need 16.3 MiB of scoped VMEM in the backward, over
@@ -70,11 +70,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *p_ref, t: Tiling, scale: float):
 
 def _logits(q_ref, k_ref, t: Tiling, scale: float):
     """(block_q, S) float32 logits from (D, block_q) queries and (D, S) keys, padded keys masked."""
-    s = lax.dot_general(_scaled(q_ref, scale), k_ref[0], _TN, preferred_element_type=jnp.float32)
-    if t.kv_real != t.kv_len:
-        cols = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(cols < t.kv_real, s, _MASKED)
-    return s
+    return mask_padded_keys(lax.dot_general(_scaled(q_ref, scale), k_ref[0], _TN, preferred_element_type=jnp.float32),
+                            0, t)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, p_ref, dq_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, t: Tiling,
@@ -167,8 +164,7 @@ def tiling(q_shape, k_shape, dtype, *, interpret: bool = False) -> Tiling:
     s = k_shape[1]
     lp, sp = _round_up(l, LANES), _round_up(s, LANES)
     return Tiling(rows=b * h, q_len=lp, kv_len=sp, kv_real=s, head_dim=d, block_q=min(BLOCK_Q, lp), block_k=sp,
-                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d,
-                  fused_backward=True, heads=h, store_probs=True)
+                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d, heads=h)
 
 
 def tokens_attention(q_BLHD, k_BSHD, v_BSHD, *, interpret: bool = False):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kernel_calls import kernel_calls
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Attention
@@ -58,23 +59,8 @@ def test_tpu_target_traced_on_a_cpu_host_uses_the_pallas_kernels():
     assert "ipadapter_flash_fwd" in jaxpr and "ipadapter_flash_bwd" in jaxpr
 
 
-def _kernels(jaxpr) -> list[tuple[str, str]]:
-    """(name, head layout recorded in its metadata) of each Pallas kernel call of a traced program."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found.append((eqn.params["name"], dict(eqn.params.get("metadata") or {}).get("layout")))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found += _kernels(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found += _kernels(sub)
-    return found
-
-
 def _kernel_layouts(jaxpr) -> list[str]:
-    return [layout for _, layout in _kernels(jaxpr)]
+    return [layout for _, layout in kernel_calls(jaxpr)]
 
 
 def test_tpu_kernels_keep_tokens_in_the_lanes_on_v5p_and_heads_in_the_lanes_elsewhere():
@@ -96,9 +82,9 @@ def test_v5p_training_keeps_the_probabilities_and_generation_does_not_write_them
     for chip, training_kernels in (("v5p", {"ipadapter_probs_fwd", "ipadapter_probs_bwd"}),
                                    ("v5e", {"ipadapter_flash_fwd", "ipadapter_flash_bwd"})):
         grad, args = _training_gradient("tpu", chip)
-        assert {name for name, _ in _kernels(jax.make_jaxpr(grad)(*args).jaxpr)} == training_kernels, chip
+        assert {name for name, _ in kernel_calls(jax.make_jaxpr(grad)(*args).jaxpr)} == training_kernels, chip
         graphdef, state = _unet("tpu", chip)
-        forward = _kernels(jax.make_jaxpr(lambda x, state, graphdef=graphdef: nnx.merge(graphdef, state)(
+        forward = kernel_calls(jax.make_jaxpr(lambda x, state, graphdef=graphdef: nnx.merge(graphdef, state)(
             x, jnp.int32(3), jnp.zeros((1, 77, 32), jnp.bfloat16)))(*args).jaxpr)
         assert {name for name, _ in forward} == {"ipadapter_flash_fwd"}, chip
 
