@@ -55,9 +55,9 @@ def main(base_name: str = "sd15", chip: str = "v5p:2x2x1", batch: int = 8) -> No
                  .replace("/", "-") + ".hlo").write_text(text)
         kernels = report.kernel_costs(text)
         model = cost["flops"] - sum(k.flops - k.useful_flops for k in kernels.values())
-        kernel_s = sum(max(k.flops / topology.chip.peak_bf16_flops, k.bytes / topology.chip.hbm_bytes_per_s)
-                       for k in kernels.values())  # as planning/report.py prices the declared costs
-        summary = ops.summary(ops.op_costs(text), kernel_share=kernel_s / cost["optimal_seconds"])
+        kernel_s = sum(ops.roofline_seconds(k.flops, k.bytes, topology.chip)  # as the compiler prices them
+                       for k in kernels.values())
+        summary = ops.summary(ops.op_costs(text), topology.chip, cost["optimal_seconds"], kernel_seconds=kernel_s)
         results[key] = {"optimal_ms": 1e3 * cost["optimal_seconds"], "flops": cost["flops"], "model_flops": model,
                         "est_mfu": model / cost["optimal_seconds"] / topology.chip.peak_bf16_flops,
                         "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,

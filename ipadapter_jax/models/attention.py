@@ -151,16 +151,43 @@ class Attention(nnx.Module):
     def __call__(self, x_BLC, context_BSC=None, *, ip: IPConditioning | None = None):
         context = x_BLC if context_BSC is None else context_BSC
         q = self._heads(self.to_q(x_BLC))
-        out = attention(q, self._heads(self.to_k(context)), self._heads(self.to_v(context)), self.attention_impl)
+        k, v = self._heads(self.to_k(context)), self._heads(self.to_v(context))
         if ip is not None and len(self.to_k_ip):
-            out = out + self._image_branch(q, ip)
+            if len(ip.tokens) != len(self.to_k_ip):
+                raise ValueError(f"the UNet holds {len(self.to_k_ip)} IP-Adapters but {len(ip.tokens)} were given")
+            joined = self._joined_key_sets(q, k, v, ip)
+            out = joined if joined is not None else (attention(q, k, v, self.attention_impl)
+                                                     + self._image_branch(q, ip))
+        else:
+            out = attention(q, k, v, self.attention_impl)
         return self.to_out[0](out.reshape(*x_BLC.shape[:2], -1))
+
+    def _joined_key_sets(self, q_BLHD, k_BSHD, v_BSHD, ip: IPConditioning):
+        """The plain decoupled cross-attention as one kernel call where the policy joins key sets (TPU, tokens
+        layout): keys [text, image tokens of each adapter], values [text, scale * image values], a softmax per
+        set, so the outputs add up as in `_image_branch`. None where it does not apply (masks, controls, other
+        targets, too many keys, a mesh the batch does not divide over)."""
+        if any(m is not None for m in ip.masks) or any(c is not None for c in ip.controls or ()):
+            return None
+        tokens = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in ip.tokens]
+        if not self.attention_impl.joins_key_sets(q_BLHD.shape, k_BSHD.shape[1] + sum(t.shape[1] for t in tokens)):
+            return None
+        from ipadapter_jax.models.pallas_attention import sharded_flash_attention
+
+        keys, values, starts = [k_BSHD], [v_BSHD], []
+        for a, (t, scale) in enumerate(zip(tokens, ip.scales, strict=True)):
+            starts.append(sum(x.shape[1] for x in keys))
+            layer_scale = scale[..., self.ip_layer].astype(q_BLHD.dtype).reshape(-1, 1, 1, 1)
+            keys.append(self._heads(self.to_k_ip[a](t)))
+            values.append(self._heads(self.to_v_ip[a](t)) * layer_scale)
+        policy = self.attention_impl
+        return sharded_flash_attention(q_BLHD, jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1),
+                                       lanes=policy.lanes, store_probs=policy.store_probs, tokens=True,
+                                       segments=tuple(starts))
 
     def _image_branch(self, q_BLHD, ip: IPConditioning):
         """Sum over adapters of scale * attention(q, image tokens); masked images attend one at a time. An adapter
         with `LayerControls` may read other tokens on this layer, scale its keys and shift by the values' mean."""
-        if len(ip.tokens) != len(self.to_k_ip):
-            raise ValueError(f"the UNet holds {len(self.to_k_ip)} IP-Adapters but {len(ip.tokens)} were given")
         controls = ip.controls if ip.controls is not None else (None,) * len(ip.tokens)
         dtype = q_BLHD.dtype
         total = jnp.zeros_like(q_BLHD)

@@ -17,6 +17,9 @@ traced, so no choice depends on catching a failure.
   from the chip: tokens on v5p where the keys fit one block, rows beyond, lanes on v5e and v6e), whichever the
   compiler estimates faster for whole programs there (bench/tpu_notes.md); on v5p a training step's kernels also
   keep the softmax probabilities from the forward for the backward (`store_probs`) where the keys fit one block;
+  with tokens in the lanes the kernels start at 256 tokens (`TOKENS_MIN_TOKENS`), and a decoupled cross-attention
+  whose text and image tokens fit 128 keys together takes one kernel call with a softmax per key set
+  (`joins_key_sets`);
 - no platform given: XLA everywhere (portable, no target-specific path).
 """
 
@@ -38,6 +41,13 @@ CUDNN_MAX_HEAD_DIM = 128
 # TPU: both sequences this long go to the Pallas kernels. For cross-attention (S = 77 or a few image tokens) the
 # compiler estimates XLA about 3x faster (the kernel pads keys to 128 and heads to 128 lanes; bench/tpu_notes.md).
 PALLAS_MIN_TOKENS = 1024
+# TPU, tokens layout (v5p): self-attention from 256 tokens on (SD1.5's 16x16 level, 160-wide heads) takes the
+# kernels too, and a decoupled cross-attention whose text and image keys fit one 128-lane block together runs as
+# one kernel call with a softmax per key set (pallas_tokens.py), where separate XLA calls write every (L, S) score
+# matrix to HBM and read it back. The SD1.5 training step at 32 per chip estimates 218.4 ms with the joined calls
+# from 1024 queries, 213.1 ms from 256 (bench/tpu_notes.md).
+TOKENS_MIN_TOKENS = 256
+SEGMENTED_MAX_KEYS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +84,16 @@ class AttentionPolicy:
             return "chunked"
         if self.platform == "gpu" and cudnn_ok:
             return "cudnn"
-        if self.platform == "tpu" and l >= PALLAS_MIN_TOKENS and s >= PALLAS_MIN_TOKENS:
+        least = TOKENS_MIN_TOKENS if self.tokens else PALLAS_MIN_TOKENS
+        if self.platform == "tpu" and l >= least and s >= least:
             return "pallas"
         return "xla"
+
+    def joins_key_sets(self, q_shape, keys: int) -> bool:
+        """Whether a cross-attention over several key sets (text, then each adapter's image tokens; `keys` in all)
+        runs as one tokens-layout kernel call with a softmax per set (`SEGMENTED_MAX_KEYS`)."""
+        return (self.requested in ("auto", "pallas") and self.platform == "tpu" and self.tokens
+                and q_shape[1] >= TOKENS_MIN_TOKENS and keys <= SEGMENTED_MAX_KEYS)
 
 
 def as_policy(implementation: Implementation | AttentionPolicy) -> AttentionPolicy:

@@ -88,6 +88,9 @@ class Tiling:
     lanes: bool = False  # heads left in the lanes, (B, L, H*D) (models/pallas_lanes.py); else rows (B*H, L, D)
     width: int = 0  # lanes layout: the operands' last dimension, H*D or H*D padded to whole 128-lane tiles
     store_probs: bool = False  # rows layout: the forward under differentiation stores P for the backward
+    # tokens layout: where the keys start a new softmax (besides 0): concatenated key sets that each take their
+    # own softmax, as the decoupled cross-attention's text and image tokens (models/pallas_tokens.py)
+    segments: tuple[int, ...] = ()
 
     @property
     def probs_block_q(self) -> int:
@@ -413,17 +416,22 @@ def tiling(q_shape, k_shape, dtype, *, block_q: int = 512, block_k: int = 512, p
 
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int = 512, pad_head: bool = True,
                     fused_backward: bool = True, lanes: bool = False, pad_lanes: bool = False,
-                    store_probs: bool = False, tokens: bool = False, interpret: bool = False):
+                    store_probs: bool = False, tokens: bool = False, segments: tuple[int, ...] = (),
+                    interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; the same numbers as the XLA path to rounding.
 
     q is scaled in its own dtype before the kernels, as the XLA path does; `interpret=True` runs the kernels
     in Pallas' interpreter (any backend, for tests). `tokens` takes the tokens-in-lanes kernels
-    (models/pallas_tokens.py) where the keys fit one block (`STORED_PROBS_MAX_KEYS`), the other layout otherwise."""
+    (models/pallas_tokens.py) where the keys fit one block (`STORED_PROBS_MAX_KEYS`), the other layout otherwise;
+    only they take `segments` (key sets with a softmax each, `Tiling.segments`)."""
     b, l, h, d = q_BLHD.shape
     if tokens and _round_up(k_BSHD.shape[1], LANES) <= STORED_PROBS_MAX_KEYS:
         from ipadapter_jax.models.pallas_tokens import tokens_attention
 
-        return tokens_attention(q_BLHD, k_BSHD, v_BSHD, interpret=interpret)
+        return tokens_attention(q_BLHD, k_BSHD, v_BSHD, segments=segments, interpret=interpret)
+    if segments:
+        raise ValueError(f"key segments need the tokens layout and at most {STORED_PROBS_MAX_KEYS} keys; "
+                         f"got {k_BSHD.shape[1]} keys with tokens={tokens}")
     t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, block_q=block_q, block_k=block_k, pad_head=pad_head,
                fused_backward=fused_backward, lanes=lanes, pad_lanes=pad_lanes, store_probs=store_probs,
                interpret=interpret)

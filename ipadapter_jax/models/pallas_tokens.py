@@ -58,11 +58,25 @@ def _scaled(q_ref, scale):
     return q_ref[0] * jnp.asarray(scale, q_ref.dtype)
 
 
+def _per_segment(x, t: Tiling, reduce):
+    """`reduce` over the keys of each softmax segment (`Tiling.segments`) of (block_q, S) `x`, spread back over that
+    segment's keys (and the padding past the last); one reduction over every key without segments."""
+    if not t.segments:
+        return reduce(x, axis=1, keepdims=True)
+    cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    fill = jnp.asarray(jnp.finfo(x.dtype).min if reduce is jnp.max else 0, x.dtype)
+    out = reduce(jnp.where(cols < t.segments[0], x, fill), axis=1, keepdims=True)
+    for start, end in zip(t.segments, (*t.segments[1:], t.kv_len), strict=True):
+        inside = (cols >= start) & (cols < end)
+        out = jnp.where(inside, reduce(jnp.where(inside, x, fill), axis=1, keepdims=True), out)
+    return out
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *p_ref, t: Tiling, scale: float):
     v = v_ref[0]
     s = _logits(q_ref, k_ref, t, scale)
-    p = jnp.exp(s - s.max(axis=1, keepdims=True))
-    p = p / p.sum(axis=1, keepdims=True)
+    p = jnp.exp(s - _per_segment(s, t, jnp.max))
+    p = p / _per_segment(p, t, jnp.sum)
     if p_ref:
         p_ref[0][0] = p.astype(p_ref[0].dtype)
     o_ref[0] = lax.dot_general(v, p.astype(v.dtype), _NT, preferred_element_type=jnp.float32).astype(o_ref.dtype)
@@ -87,7 +101,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, p_ref, dq_ref, dk_ref, dv_ref, dk_s
     k, v, do = k_ref[0], v_ref[0], do_ref[0]
     p = p_ref[0].astype(jnp.float32)
     dp = lax.dot_general(do, v, _TN, preferred_element_type=jnp.float32)  # (block_q, S)
-    ds = p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))
+    ds = p * (dp - _per_segment(p * dp, t, jnp.sum))
     dv_sc[...] += lax.dot(do, p_ref[0].astype(do.dtype), preferred_element_type=jnp.float32)
     dk_sc[...] += lax.dot(_scaled(q_ref, scale), ds.astype(k.dtype), preferred_element_type=jnp.float32)
     dq = lax.dot_general(k, ds.astype(k.dtype), _NT, preferred_element_type=jnp.float32)
@@ -157,21 +171,26 @@ def _flash_bwd(t: Tiling, scale: float, residuals, do):
 flash_tokens.defvjp(_flash_fwd, _flash_bwd)
 
 
-def tiling(q_shape, k_shape, dtype, *, interpret: bool = False) -> Tiling:
+def tiling(q_shape, k_shape, dtype, *, segments: tuple[int, ...] = (), interpret: bool = False) -> Tiling:
     """The tiling of a call on queries (B, L, H, D) and keys (B, S, H, D): lengths padded to 128 lanes, query
     blocks of `BLOCK_Q` rows against the whole key row."""
     b, l, h, d = q_shape
     s = k_shape[1]
+    if list(segments) != sorted(set(segments)) or not all(0 < x < s for x in segments):
+        raise ValueError(f"key segments must start at increasing keys inside the {s} keys; got {segments}")
     lp, sp = _round_up(l, LANES), _round_up(s, LANES)
     return Tiling(rows=b * h, q_len=lp, kv_len=sp, kv_real=s, head_dim=d, block_q=min(BLOCK_Q, lp), block_k=sp,
-                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d, heads=h)
+                  itemsize=jnp.dtype(dtype).itemsize, interpret=interpret, q_real=l, head_real=d, heads=h,
+                  segments=tuple(segments))
 
 
-def tokens_attention(q_BLHD, k_BSHD, v_BSHD, *, interpret: bool = False):
+def tokens_attention(q_BLHD, k_BSHD, v_BSHD, *, segments: tuple[int, ...] = (), interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v through the tokens-in-lanes kernels; keys at most one block (the caller checks).
-    The transposes to (B*H, D, L) and back are views of the layout XLA keeps the projections in."""
+    The transposes to (B*H, D, L) and back are views of the layout XLA keeps the projections in. With `segments`
+    (where a new key set starts) each key set takes its own softmax and the outputs add up: the text and image
+    branches of a decoupled cross-attention in one call, the image values already multiplied by their scale."""
     b, l, h, d = q_BLHD.shape
-    t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, interpret=interpret)
+    t = tiling(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, segments=segments, interpret=interpret)
 
     def heads_by_tokens(x_BXHD, length):
         x = jnp.transpose(x_BXHD, (0, 2, 3, 1)).reshape(b * h, d, x_BXHD.shape[1])

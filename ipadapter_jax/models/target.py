@@ -2,8 +2,10 @@
 
 The target is the platform of the devices the program runs on (`platform_of(mesh)`), which is not the host's
 `jax.default_backend()`: a CPU host traces and compiles programs for TPU slices. `set_target` fixes, on every
-module of a built model, the choices that depend on it: each attention module's `AttentionPolicy` and each
-convolution's CPU-only paths (`Conv2d.for_cpu`). They are static attributes, part of the graph, as a remat policy is.
+module of a built model, the choices that depend on it: each attention module's `AttentionPolicy`, each
+convolution's CPU-only paths (`Conv2d.for_cpu`), and the TPU backwards of the feed-forwards
+(`GEGLU.recompute_gate`) and normalizations (`GroupNorm`/`LayerNorm.recompute_normalized`). They are static
+attributes, part of the graph, as a remat policy is.
 A model built with no target (`None`) takes the portable XLA paths everywhere.
 """
 
@@ -62,12 +64,15 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
     """Make every target-dependent choice of `root`'s modules for `platform` (before `nnx.split`); a TPU `chip`
     (`chip_of(mesh)`) picks the attention kernels' layout (tokens in the lanes on `TOKENS_CHIPS` where the keys fit
     one block, heads as rows on `ROWS_CHIPS`, in the lanes elsewhere) and whether their backward reads stored
-    probabilities (`STORED_PROBS_CHIPS`)."""
+    probabilities (`STORED_PROBS_CHIPS`); on TPU the feed-forwards' and normalizations' backwards recompute what
+    XLA would otherwise keep in HBM (the gate's CDF, the normalized input)."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
-    from ipadapter_jax.models.layers import Conv2d
+    from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm
+    from ipadapter_jax.models.transformer import GEGLU
 
     cpu = platform == "cpu"
+    tpu = platform == "tpu"
     lanes = chip not in ROWS_CHIPS
     store_probs = chip in STORED_PROBS_CHIPS
     tokens = chip in TOKENS_CHIPS
@@ -76,6 +81,10 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
     for _, module in nnx.iter_modules(root):
         if isinstance(module, Conv2d) and module.for_cpu != cpu:
             module.for_cpu = cpu
+        if isinstance(module, GEGLU) and module.recompute_gate != tpu:
+            module.recompute_gate = tpu
+        if isinstance(module, GroupNorm | LayerNorm) and module.recompute_normalized != tpu:
+            module.recompute_normalized = tpu
         policy = getattr(module, "attention_impl", None)
         if isinstance(policy, AttentionPolicy) and (
                 (policy.platform, policy.lanes, policy.store_probs, policy.tokens)

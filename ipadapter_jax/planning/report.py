@@ -81,7 +81,8 @@ class Estimate:
     # Training under remat: the share of the compiled FLOPs that recompute the forward (traced, planning/flops.py),
     # left out of model_flops_per_chip_step.
     recompute_share: float = 0.0
-    # Share of the compiler's estimated cycles by kind of operation (planning/ops.py): where the step goes.
+    # Share of the compiler's step estimate by kind of operation (planning/ops.py: per-operation rooflines, the
+    # kernels at their declared costs, and what neither accounts for): where the step goes.
     time_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -103,15 +104,18 @@ class Estimate:
 
     @property
     def kernel_time_share(self) -> float:
-        """Custom kernels' share of the step at their declared costs (roofline at the chip's peaks)."""
+        """Custom kernels' share of the step at their declared costs, priced as the compiler prices them."""
         return self.kernel_seconds / self.est_step_s if self.est_step_s else 0.0
 
+    # The rates the compiler prices declared kernel costs at (the chip's peaks times Chip.compiler_*_share)
     kernel_peak_bytes_per_s: float = 0.0
+    kernel_flops_per_s: float = 0.0
 
     @property
     def kernel_seconds(self) -> float:
         bw = self.kernel_peak_bytes_per_s or float("inf")
-        return sum(max(k.flops / self.peak_flops_per_chip, k.bytes / bw) for k in self.kernels.values())
+        rate = self.kernel_flops_per_s or self.peak_flops_per_chip
+        return sum(max(k.flops / rate, k.bytes / bw) for k in self.kernels.values())
 
     @property
     def est_total_hours(self) -> float | None:
@@ -166,8 +170,10 @@ def analyse(program, compiled, topology: Topology, compile_seconds: float, *, to
         bytes_accessed_per_chip_step=float(cost.get("bytes accessed", 0.0)),
         est_step_s=seconds, peak_flops_per_chip=topology.chip.peak_bf16_flops,
         items_per_step=program.items_per_step, unet_calls_per_item=program.unet_calls, kernels=kernels,
-        total_steps=total_steps, notes=notes, kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s)
-    by_kind = ops.summary(op_list, kernel_share=estimate.kernel_time_share)["by_kind"]
+        total_steps=total_steps, notes=notes,
+        kernel_peak_bytes_per_s=topology.chip.hbm_bytes_per_s * topology.chip.compiler_bytes_share,
+        kernel_flops_per_s=topology.chip.peak_bf16_flops * topology.chip.compiler_flops_share)
+    by_kind = ops.summary(op_list, topology.chip, seconds, kernel_seconds=estimate.kernel_seconds)["by_kind"]
     estimate.time_by_kind = {k: v["share"] for k, v in by_kind.items()}
     return estimate
 

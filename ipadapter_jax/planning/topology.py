@@ -25,6 +25,12 @@ class Chip:
     hbm_bytes_per_s: float
     cores_per_chip: int  # TensorCores counted by the accelerator-type suffix (2 on v4/v5p, 1 on v5e/v6e)
     grids: dict  # chips -> the standard slice shape
+    # The fractions of the peaks at which libtpu's cost model prices matrix work and HBM traffic (planning/ops.py):
+    # read from one Pallas kernel and one elementwise operation compiled alone with libtpu 0.0.42.1, and checked
+    # against the compiler by tests/planning/tpu_worker.py. So on v5p the compiler's best step is 85.8% MFU (its
+    # XLA matrix products price at 85.4%), on v5e and v6e 100%.
+    compiler_flops_share: float = 1.0
+    compiler_bytes_share: float = 1.0
 
 
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
@@ -32,10 +38,10 @@ _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 2, _3D),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 1, _2D),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 2, _3D),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 1, _2D),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 2, _3D, 0.498, 0.409),  # as if one of its two TensorCores
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 1, _2D, 1.0, 0.90),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 2, _3D, 0.858, 0.85),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 1, _2D, 1.0, 1.0),
 }
 
 

@@ -65,6 +65,18 @@ def test_policy_follows_the_target_platform(platform, l, s, d, dtype, expected):
     assert AttentionPolicy("auto", platform).choose((2, l, 8, d), (2, s, 8, d), dtype) == expected
 
 
+def test_with_tokens_in_the_lanes_kernels_start_at_256_tokens_and_key_sets_join():
+    v5p = AttentionPolicy("auto", "tpu", lanes=False, store_probs=True, tokens=True)
+    assert v5p.choose((2, 256, 8, 160), (2, 256, 8, 160), jnp.bfloat16) == "pallas"  # SD1.5's 16x16 level
+    assert v5p.choose((2, 64, 8, 160), (2, 64, 8, 160), jnp.bfloat16) == "xla"  # the 8x8 mid block
+    assert v5p.joins_key_sets((2, 256, 8, 160), 77 + 16)
+    assert not v5p.joins_key_sets((2, 256, 8, 160), 77 + 64)  # beyond one 128-key block
+    assert not v5p.joins_key_sets((2, 64, 8, 160), 77 + 16)
+    for other in (AttentionPolicy("auto", "tpu"), AttentionPolicy("xla", "tpu", tokens=True),
+                  AttentionPolicy("auto", "gpu"), AttentionPolicy("auto", None)):
+        assert not other.joins_key_sets((2, 4096, 8, 40), 77 + 16), other
+
+
 def test_requested_cudnn_outside_its_limits_is_xla_decided_up_front():
     assert AttentionPolicy("cudnn", "gpu").choose((1, 64, 8, 160), (1, 77, 8, 160), jnp.bfloat16) == "xla"
     assert AttentionPolicy("cudnn", "gpu").choose((1, 64, 8, 64), (1, 77, 8, 64), jnp.bfloat16) == "cudnn"

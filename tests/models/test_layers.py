@@ -34,3 +34,54 @@ def test_a_model_draws_its_weights_with_a_few_programs():
     layers.Conv2d(4, 8, rngs=nnx.Rngs(2))
     layers.Linear(7, 11, use_bias=False, rngs=nnx.Rngs(3))
     assert layers._draw_uniform._cache_size() - before <= 2  # MIN_DRAW numbers, and 2**21
+
+
+def _torch_grads(fn, x, scale, bias, d_out):
+    import torch
+
+    xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+    out = fn(xt, st, bt)
+    out.backward(torch.tensor(d_out))
+    return out.detach().numpy(), [t.grad.numpy() for t in (xt, st, bt)]
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_normalizations_match_torch_forward_and_gradients(norm, recompute):
+    """Both backwards (autodiff, and the TPU one that normalizes x again from its float32 statistics) give torch's
+    gradients for the input, the scale and the bias."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    if norm == "group":
+        x = (rng.standard_normal((2, 6, 5, 32)) * 3 + 1).astype(np.float32)  # NHWC, 8 groups of 4 channels
+        module = layers.GroupNorm(8, 32, eps=1e-6)
+
+        def reference(xt, st, bt):
+            return torch.nn.functional.group_norm(xt.permute(0, 3, 1, 2), 8, st, bt, 1e-6).permute(0, 2, 3, 1)
+    else:
+        x = (rng.standard_normal((2, 7, 32)) * 3 + 1).astype(np.float32)
+        module = layers.LayerNorm(32)
+
+        def reference(xt, st, bt):
+            return torch.nn.functional.layer_norm(xt, (32,), st, bt, 1e-5)
+    scale, bias = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+    module.scale[...], module.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+    module.recompute_normalized = recompute
+    d_out = rng.standard_normal(x.shape).astype(np.float32)
+    out_ref, grads_ref = _torch_grads(reference, x, scale, bias, d_out)
+    graphdef, state = nnx.split(module)
+
+    def apply(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    out, vjp = jax.vjp(apply, state, jnp.asarray(x))
+    assert _rel(out, out_ref) < 1e-6
+    d_state, d_x = vjp(jnp.asarray(d_out))
+    assert _rel(d_x, grads_ref[0]) < 1e-5
+    assert _rel(d_state["scale"][...], grads_ref[1]) < 1e-5
+    assert _rel(d_state["bias"][...], grads_ref[2]) < 1e-5

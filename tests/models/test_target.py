@@ -11,8 +11,9 @@ from kernel_calls import kernel_calls
 
 from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Attention
-from ipadapter_jax.models.layers import Conv2d, abstract_model
+from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm, abstract_model
 from ipadapter_jax.models.target import chip_of, platform_of, set_target
+from ipadapter_jax.models.transformer import GEGLU
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 
@@ -105,10 +106,16 @@ def test_set_target_makes_static_choices_on_every_module():
     unet = abstract_model(lambda: UNet2DConditionModel(TINY, platform="cpu", rngs=nnx.Rngs(0)))
     convs = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Conv2d)]
     attentions = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Attention)]
+    geglus = [m for _, m in nnx.iter_modules(unet) if isinstance(m, GEGLU)]
+    norms = [m for _, m in nnx.iter_modules(unet) if isinstance(m, GroupNorm | LayerNorm)]
     assert convs and all(c.for_cpu for c in convs)
+    assert geglus and not any(g.recompute_gate for g in geglus)
+    assert norms and not any(n.recompute_normalized for n in norms)
     assert attentions and all(a.attention_impl.platform == "cpu" for a in attentions)
     set_target(unet, "tpu")
     assert not any(c.for_cpu for c in convs)
+    assert all(g.recompute_gate for g in geglus)  # the TPU feed-forward backward (models/transformer.py)
+    assert all(n.recompute_normalized for n in norms)  # and the normalizations' (models/layers.py)
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
     assert all(a.attention_impl.lanes for a in attentions)
     assert not any(a.attention_impl.store_probs for a in attentions)

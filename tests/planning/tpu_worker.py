@@ -116,6 +116,39 @@ def layout_check(job: str, shape: tuple[int, ...], **kwargs) -> dict:
             "copy_cycles": sum(o.cycles for o in ops if o.kind == "copy"), "cycles": sum(o.cycles for o in ops)}
 
 
+def roofline_check(topology: str) -> dict:
+    """A differentiated attention block (projections, the tokens kernels, the output projection) for one chip of
+    the slice: the compiler's `optimal_seconds` against planning/ops.py's sum of per-operation rooflines, with the
+    kernels at their declared costs, both at the rates `Chip` records for this libtpu."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.models.pallas_attention import flash_attention
+    from ipadapter_jax.planning import parse_topology
+    from ipadapter_jax.planning.ops import op_costs, roofline_seconds, unpriced_joins
+    from ipadapter_jax.planning.report import kernel_costs
+
+    b, l, h, d = 8, 4096, 8, 40  # SD1.5 at 64x64 latents, 8 per chip: the sizes the plans price
+
+    def block(x, wq, wk, wv, wo):
+        heads = [jax.nn.gelu(x @ w).reshape(b, l, h, d) for w in (wq, wk, wv)]
+        return jnp.sum((flash_attention(*heads, tokens=True).reshape(b, l, h * d) @ wo).astype(jnp.float32) ** 2)
+
+    slice_ = parse_topology(topology)
+    one = NamedSharding(jax.sharding.Mesh(slice_.devices()[:1], ("data",)), P())
+    x = jax.ShapeDtypeStruct((b, l, h * d), jnp.bfloat16, sharding=one)
+    w = jax.ShapeDtypeStruct((h * d, h * d), jnp.bfloat16, sharding=one)
+    compiled = jax.jit(jax.grad(block, (0, 1))).lower(x, w, w, w, w).compile()
+    text = compiled.as_text()
+    chip = slice_.chip
+    kernels = sum(roofline_seconds(k.flops, k.bytes, chip) for k in kernel_costs(text).values())
+    xla = sum(o.seconds(chip) for o in op_costs(text) if o.kind != "kernel")
+    return {"job": "roofline", "chip": chip.name, "kernel_seconds": kernels, "modeled_seconds": kernels + xla,
+            "optimal_seconds": compiled.cost_analysis()["optimal_seconds"] + unpriced_joins(text)}
+
+
 def joins_check(topology: str) -> dict:
     """Eight 1280x1280 bfloat16 matrix products for one chip of the slice: on v5e the compiler prefetches a weight
     in row slices joined by a `ConcatBitcast`, which its cost model prices at -1 s; planning/ops.py counts them."""
@@ -149,6 +182,8 @@ def main(topology: str) -> None:
     print(json.dumps(kernel_check("lanes", (2, 1024, 8, 40), lanes=True)), flush=True)
     print(json.dumps(kernel_check("probs", (1, 4096, 2, 40), pad_head=False, store_probs=True)), flush=True)
     print(json.dumps(joins_check(topology)), flush=True)
+    for chip in ("v5p:2x2x1", "v5e:2x2", "v6e:2x2"):
+        print(json.dumps(roofline_check(chip)), flush=True)
     for job, kwargs in (("block rows", dict(pad_head=False, store_probs=True)), ("block tokens", dict(tokens=True))):
         print(json.dumps(layout_check(job, (2, 1024, 8, 40), **kwargs)), flush=True)
     root = write_base(Path(tempfile.mkdtemp()))
