@@ -28,6 +28,13 @@ def test_recomputing_the_gate_gives_torchs_gelu_gradients():
         assert _rel(out, out_t.detach().numpy()) < 1e-6, fn
         assert _rel(vjp(jnp.asarray(d_out))[0], xt.grad.numpy()) < 1e-6, fn
     np.testing.assert_array_equal(geglu_recomputing(jnp.asarray(x)), _geglu(jnp.asarray(x)))  # same forward
+    # bfloat16: the recomputed backward rounds like autodiff's (both 0.3-0.4% from torch's float32; 0.5 + 0.5 erf
+    # loses the smallest CDFs' precision, whose terms are as small)
+    errors = []
+    for fn in (_geglu, geglu_recomputing):
+        _, vjp = jax.vjp(fn, jnp.asarray(x, jnp.bfloat16))
+        errors.append(_rel(vjp(jnp.asarray(d_out, jnp.bfloat16))[0].astype(jnp.float32), xt.grad.numpy()))
+    assert errors[1] < 1.2 * errors[0] < 1e-2, errors
 
 
 def test_the_module_recomputes_only_when_targeted_at_tpu():
