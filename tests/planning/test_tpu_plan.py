@@ -109,7 +109,7 @@ def test_tiny_steps_compile_and_report(results, job, fsdp):
         assert k["flops"] > k["useful_flops"] > 0 and k["bytes"] > 0
         assert k["layout"] == "lanes"  # read back from the compiled program: heads in the lanes on v5e
     assert 0 < r["kernel_time_share"] < 1
-    shares = r["time_by_kind"]  # the compiler's per-op cycles, grouped (planning/ops.py)
+    shares = r["time_by_kind"]  # per-operation rooflines grouped, kernels, unattributed (planning/ops.py)
     assert sum(shares.values()) == pytest.approx(1.0) and shares["kernel"] > 0
     assert shares.get("convolution", 0) + shares.get("matmul", 0) > 0
     padding = sum(k["flops"] - k["useful_flops"] for k in kernels.values())  # model FLOPs: the useful math, and
