@@ -4,7 +4,8 @@ The target is the platform of the devices the program runs on (`platform_of(mesh
 `jax.default_backend()`: a CPU host traces and compiles programs for TPU slices. `set_target` fixes, on every
 module of a built model, the choices that depend on it: each attention module's `AttentionPolicy`, each
 convolution's CPU-only paths (`Conv2d.for_cpu`), and the TPU backwards of the feed-forwards
-(`GEGLU.recompute_gate`) and normalizations (`GroupNorm`/`LayerNorm.recompute_normalized`). They are static
+(`GEGLU.recompute_gate`) and normalizations (`GroupNorm`/`LayerNorm.recompute_normalized`, which on TPU also take
+the statistics of 16-bit inputs in one pass). They are static
 attributes, part of the graph, as a remat policy is.
 A model built with no target (`None`) takes the portable XLA paths everywhere.
 """
@@ -65,7 +66,8 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
     (`chip_of(mesh)`) picks the attention kernels' layout (tokens in the lanes on `TOKENS_CHIPS` where the keys fit
     one block, heads as rows on `ROWS_CHIPS`, in the lanes elsewhere) and whether their backward reads stored
     probabilities (`STORED_PROBS_CHIPS`); on TPU the feed-forwards' and normalizations' backwards recompute what
-    XLA would otherwise keep in HBM (the gate's CDF, the normalized input)."""
+    XLA would otherwise keep in HBM (the gate's CDF, the normalized input), and the normalizations take the
+    statistics of 16-bit inputs in one read."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm

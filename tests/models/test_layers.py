@@ -85,3 +85,41 @@ def test_normalizations_match_torch_forward_and_gradients(norm, recompute):
     assert _rel(d_x, grads_ref[0]) < 1e-5
     assert _rel(d_state["scale"][...], grads_ref[1]) < 1e-5
     assert _rel(d_state["bias"][...], grads_ref[2]) < 1e-5
+
+
+@pytest.mark.parametrize("offset", [1.0, 30.0])
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_tpu_normalizations_of_bfloat16_take_one_pass_statistics_as_accurately(norm, offset):
+    """TPU programs take the statistics of 16-bit x in one pass, E[x^2] - E[x]^2 (layers._normalize_one_pass).
+    Its float32 cancellation (mean^2 / variance = offset^2 / 9 here, times 2^-24) stays far below bfloat16's
+    output rounding: against torch's float32 on the same bfloat16 input, the output and the input gradient are
+    as accurate as the two-pass path's. A wrong variance would be off by the mean's square."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray((rng.standard_normal((2, 64, 320)) * 3 + offset).astype(np.float32), jnp.bfloat16)
+    x32 = np.asarray(x.astype(jnp.float32))
+    scale, bias = (rng.standard_normal(320).astype(np.float32) for _ in range(2))
+    d_out = rng.standard_normal(x.shape).astype(np.float32)
+    if norm == "group":
+        module, x_in, x_ref = layers.GroupNorm(32, 320, eps=1e-6), x.reshape(2, 8, 8, 320), x32.reshape(2, 8, 8, 320)
+
+        def reference(xt, st, bt):
+            return torch.nn.functional.group_norm(xt.permute(0, 3, 1, 2), 32, st, bt, 1e-6).permute(0, 2, 3, 1)
+    else:
+        module, x_in, x_ref = layers.LayerNorm(320), x, x32
+
+        def reference(xt, st, bt):
+            return torch.nn.functional.layer_norm(xt, (320,), st, bt, 1e-5)
+    d_out = d_out.reshape(x_ref.shape)
+    out_ref, grads_ref = _torch_grads(reference, x_ref, scale, bias, d_out)
+    module.scale[...], module.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+    errors = {}
+    for recompute in (False, True):
+        module.recompute_normalized = recompute
+        out, vjp = jax.vjp(lambda x: module(x), x_in)
+        (d_x,) = vjp(jnp.asarray(d_out, jnp.bfloat16))
+        errors[recompute] = (_rel(out.astype(jnp.float32), out_ref), _rel(d_x.astype(jnp.float32), grads_ref[0]))
+    assert max(errors[False]) < 6e-3  # bfloat16 rounding, both paths
+    for ours, two_pass in zip(errors[True], errors[False], strict=True):
+        assert ours <= 1.1 * two_pass, errors
