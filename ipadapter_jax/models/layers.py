@@ -168,7 +168,7 @@ def _normalize_one_pass(x32, axes, eps):
     """`_normalize` with the variance as E[x^2] - E[x]^2: both sums in one read of x, which XLA's TPU fusion
     joins into the producer's epilogue (the two-pass form reads x again for the centered squares). It loses
     float32 precision to cancellation by the factor mean^2 / variance; used only for 16-bit x, whose output
-    rounding (2^-8) stays larger unless |mean| exceeds about 180 standard deviations (flax's own LayerNorm
+    rounding (2^-9) stays larger unless |mean| exceeds about 180 standard deviations (flax's own LayerNorm
     computes its variance this way by default)."""
     mean = jnp.mean(x32, axis=axes, keepdims=True)
     variance = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
@@ -176,7 +176,8 @@ def _normalize_one_pass(x32, axes, eps):
     return (x32 - mean) * rstd, mean, rstd
 
 
-def _norm_with_stats(x, scale, bias, axes, eps, *, one_pass: bool = False):
+def _norm_with_stats(x, scale, bias, axes, eps, *, tpu: bool = False):
+    one_pass = tpu and jnp.dtype(x.dtype).itemsize < 4  # TPU programs: one pass for 16-bit x
     xhat, mean, rstd = (_normalize_one_pass if one_pass else _normalize)(x.astype(jnp.float32), axes, eps)
     return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype), (mean, rstd)
 
@@ -187,21 +188,17 @@ def _norm(x, scale, bias, axes, eps):
     return _norm_with_stats(x, scale, bias, axes, eps)[0]
 
 
-def _one_pass_pays(x) -> bool:
-    return jnp.dtype(x.dtype).itemsize < 4
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _norm_recomputing(x, scale, bias, axes, eps):
     """`_norm` as TPU programs compute it: statistics of 16-bit x in one pass (`_normalize_one_pass`), and a
     backward that keeps only x and the float32 statistics and normalizes x again. Differentiated plainly, XLA's
     TPU fusion keeps float32 copies of the centered input for the backward (SD1.5 training at 32 per chip on v5p:
     up to 0.3 GB per layer, written and read back); x is alive anyway, in its own dtype."""
-    return _norm_with_stats(x, scale, bias, axes, eps, one_pass=_one_pass_pays(x))[0]
+    return _norm_with_stats(x, scale, bias, axes, eps, tpu=True)[0]
 
 
 def _norm_fwd(x, scale, bias, axes, eps):
-    y, stats = _norm_with_stats(x, scale, bias, axes, eps, one_pass=_one_pass_pays(x))
+    y, stats = _norm_with_stats(x, scale, bias, axes, eps, tpu=True)
     return y, (x, scale, bias, stats)
 
 
