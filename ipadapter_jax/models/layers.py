@@ -114,11 +114,17 @@ class Linear(nnx.Module):
         self.bias = param_type(_uniform(rngs, (out_features,), bound, dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(x.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=_accumulate(x))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y.astype(x.dtype)
+        return linear(x, self.kernel[...], None if self.bias is None else self.bias[...])
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """`x @ kernel + bias` over x's last axis, as `Linear` computes it: in x's dtype, accumulating 16-bit inputs
+    in float32 and adding the bias before the one rounding."""
+    y = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=_accumulate(x))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y.astype(x.dtype)
 
 
 class Conv2d(nnx.Module):
@@ -176,7 +182,8 @@ def _normalize_one_pass(x32, axes, eps):
     return (x32 - mean) * rstd, mean, rstd
 
 
-def _norm_with_stats(x, scale, bias, axes, eps, *, tpu: bool = False):
+def norm_with_stats(x, scale, bias, axes, eps, *, tpu: bool = False):
+    """(normalized x, scaled and shifted, in x's dtype; (mean, rstd) in float32 with kept dims)."""
     one_pass = tpu and jnp.dtype(x.dtype).itemsize < 4  # TPU programs: one pass for 16-bit x
     xhat, mean, rstd = (_normalize_one_pass if one_pass else _normalize)(x.astype(jnp.float32), axes, eps)
     return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype), (mean, rstd)
@@ -185,7 +192,7 @@ def _norm_with_stats(x, scale, bias, axes, eps, *, tpu: bool = False):
 def _norm(x, scale, bias, axes, eps):
     """Normalization over `axes` (statistics in float32, as torch computes them), then scale and bias, which cover
     x's trailing axes."""
-    return _norm_with_stats(x, scale, bias, axes, eps)[0]
+    return norm_with_stats(x, scale, bias, axes, eps)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -194,21 +201,25 @@ def _norm_recomputing(x, scale, bias, axes, eps):
     backward that keeps only x and the float32 statistics and normalizes x again. Differentiated plainly, XLA's
     TPU fusion keeps float32 copies of the centered input for the backward (SD1.5 training at 32 per chip on v5p:
     up to 0.3 GB per layer, written and read back); x is alive anyway, in its own dtype."""
-    return _norm_with_stats(x, scale, bias, axes, eps, tpu=True)[0]
+    return norm_with_stats(x, scale, bias, axes, eps, tpu=True)[0]
 
 
 def _norm_fwd(x, scale, bias, axes, eps):
-    y, stats = _norm_with_stats(x, scale, bias, axes, eps, tpu=True)
+    y, stats = norm_with_stats(x, scale, bias, axes, eps, tpu=True)
     return y, (x, scale, bias, stats)
+
+
+def normalized_grad(dxhat, xhat, rstd, axes):
+    """The input gradient of `xhat = (x - mean) * rstd` over `axes`, from the gradient of xhat (float32)."""
+    return rstd * (dxhat - jnp.mean(dxhat, axis=axes, keepdims=True)
+                   - xhat * jnp.mean(dxhat * xhat, axis=axes, keepdims=True))
 
 
 def _norm_bwd(axes, eps, residuals, dy):
     x, scale, bias, (mean, rstd) = residuals
     xhat = (x.astype(jnp.float32) - mean) * rstd
     dy32 = dy.astype(jnp.float32)
-    dxhat = dy32 * scale.astype(jnp.float32)
-    dx = rstd * (dxhat - jnp.mean(dxhat, axis=axes, keepdims=True)
-                 - xhat * jnp.mean(dxhat * xhat, axis=axes, keepdims=True))
+    dx = normalized_grad(dy32 * scale.astype(jnp.float32), xhat, rstd, axes)
     leading = tuple(range(x.ndim - scale.ndim))  # the scale and bias cover the trailing axes
     d_scale, d_bias = jnp.sum(dy32 * xhat, axis=leading), jnp.sum(dy32, axis=leading)
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)

@@ -4,9 +4,10 @@ The target is the platform of the devices the program runs on (`platform_of(mesh
 `jax.default_backend()`: a CPU host traces and compiles programs for TPU slices. `set_target` fixes, on every
 module of a built model, the choices that depend on it: each attention module's `AttentionPolicy`, each
 convolution's CPU-only paths (`Conv2d.for_cpu`), and the TPU backwards of the feed-forwards
-(`GEGLU.recompute_gate`) and normalizations (`GroupNorm`/`LayerNorm.recompute_normalized`, which on TPU also take
-the statistics of 16-bit inputs in one pass). They are static
-attributes, part of the graph, as a remat policy is.
+(`GEGLU.recompute_gate`; on chips that keep tokens in the lanes, `BasicTransformerBlock.fused_feed_forward_grad`:
+the feed-forward branch's input gradient as one kernel, `models/pallas_feed_forward.py`) and normalizations
+(`GroupNorm`/`LayerNorm.recompute_normalized`, which on TPU also take the statistics of 16-bit inputs in one
+pass). They are static attributes, part of the graph, as a remat policy is.
 A model built with no target (`None`) takes the portable XLA paths everywhere.
 """
 
@@ -66,12 +67,13 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
     (`chip_of(mesh)`) picks the attention kernels' layout (tokens in the lanes on `TOKENS_CHIPS` where the keys fit
     one block, heads as rows on `ROWS_CHIPS`, in the lanes elsewhere) and whether their backward reads stored
     probabilities (`STORED_PROBS_CHIPS`); on TPU the feed-forwards' and normalizations' backwards recompute what
-    XLA would otherwise keep in HBM (the gate's CDF, the normalized input), and the normalizations take the
-    statistics of 16-bit inputs in one read."""
+    XLA would otherwise keep in HBM (the gate's CDF, the normalized input), the normalizations take the
+    statistics of 16-bit inputs in one read, and on `TOKENS_CHIPS` the feed-forward branch's input gradient is
+    one kernel that never writes d(h, gate) to HBM."""
     if platform is not None and platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}.")
     from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm
-    from ipadapter_jax.models.transformer import GEGLU
+    from ipadapter_jax.models.transformer import GEGLU, BasicTransformerBlock
 
     cpu = platform == "cpu"
     tpu = platform == "tpu"
@@ -85,6 +87,8 @@ def set_target(root: nnx.Module, platform: str | None, *, chip: str | None = Non
             module.for_cpu = cpu
         if isinstance(module, GEGLU) and module.recompute_gate != tpu:
             module.recompute_gate = tpu
+        if isinstance(module, BasicTransformerBlock) and module.fused_feed_forward_grad != (tpu and tokens):
+            module.fused_feed_forward_grad = tpu and tokens
         if isinstance(module, GroupNorm | LayerNorm) and module.recompute_normalized != tpu:
             module.recompute_normalized = tpu
         policy = getattr(module, "attention_impl", None)

@@ -35,11 +35,15 @@ def _geglu_fwd(x):
     return _geglu(x), x
 
 
-def _geglu_bwd(x, d_out):
-    h, gate = jnp.split(x, 2, axis=-1)
+def geglu_grads(h, gate, d_out):
+    """(d h, d gate) of `h * gelu(gate)`, the CDF computed as 0.5 + 0.5 erf(gate / sqrt 2)."""
     cdf = 0.5 + 0.5 * jax.lax.erf(gate * (2 ** -0.5))
     pdf = jnp.exp(-0.5 * gate * gate) * (2 * jnp.pi) ** -0.5
-    return (jnp.concatenate([d_out * gate * cdf, d_out * h * (cdf + gate * pdf)], axis=-1),)
+    return d_out * gate * cdf, d_out * h * (cdf + gate * pdf)
+
+
+def _geglu_bwd(x, d_out):
+    return (jnp.concatenate(geglu_grads(*jnp.split(x, 2, axis=-1), d_out), axis=-1),)
 
 
 geglu_recomputing.defvjp(_geglu_fwd, _geglu_bwd)
@@ -80,6 +84,9 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.only_cross_attention = only_cross_attention
         self.remat_policy: str | None = None  # models/remat.py
+        # static; True in models compiled for TPU chips that keep tokens in the lanes (models/target.py): the
+        # feed-forward branch's input gradient is one kernel where it fits (models/pallas_feed_forward.py)
+        self.fused_feed_forward_grad = False
 
     def __call__(self, x_BLC, context_BSC, ip: IPConditioning | None):
         return remat.call(self, lambda block, x, c, ip_: block._forward(x, c, ip_), x_BLC, context_BSC, ip)
@@ -87,7 +94,19 @@ class BasicTransformerBlock(nnx.Module):
     def _forward(self, x_BLC, context_BSC, ip: IPConditioning | None):
         x_BLC = x_BLC + self.attn1(self.norm1(x_BLC), context_BSC if self.only_cross_attention else None)
         x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), context_BSC, ip=ip)
-        return x_BLC + self.ff(self.norm3(x_BLC))
+        return self._feed_forward_branch(x_BLC)
+
+    def _feed_forward_branch(self, x_BLC):
+        geglu, out, norm = self.ff.net[0], self.ff.net[2], self.norm3
+        if self.fused_feed_forward_grad and x_BLC.ndim == 3 and None not in (norm.scale, geglu.proj.bias, out.bias):
+            from ipadapter_jax.models import pallas_feed_forward
+
+            w1 = geglu.proj.kernel[...]
+            if pallas_feed_forward.fits(x_BLC.shape[1], w1.shape[0], w1.shape[1] // 2, x_BLC.dtype):
+                return pallas_feed_forward.feed_forward_branch(
+                    x_BLC, norm.scale[...], norm.bias[...], w1, geglu.proj.bias[...], out.kernel[...], out.bias[...],
+                    norm.eps, False)
+        return x_BLC + self.ff(norm(x_BLC))
 
 
 class Transformer2DModel(nnx.Module):

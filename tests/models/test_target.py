@@ -13,7 +13,7 @@ from ipadapter_jax.errors import ConfigError
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, LayerNorm, abstract_model
 from ipadapter_jax.models.target import chip_of, platform_of, set_target
-from ipadapter_jax.models.transformer import GEGLU
+from ipadapter_jax.models.transformer import GEGLU, BasicTransformerBlock
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 
@@ -79,8 +79,9 @@ def test_tpu_kernels_keep_tokens_in_the_lanes_on_v5p_and_heads_in_the_lanes_else
 
 def test_v5p_training_keeps_the_probabilities_and_generation_does_not_write_them():
     """On v5p (tokens in the lanes) the training gradient's long self-attention stores P in the forward and reads
-    it in the backward; a forward alone (generation) runs the plain flash forward; other chips recompute P."""
-    for chip, training_kernels in (("v5p", {"ipadapter_probs_fwd", "ipadapter_probs_bwd"}),
+    it in the backward, and the feed-forward branch's input gradient is a kernel (models/pallas_feed_forward.py); a
+    forward alone (generation) runs the plain flash forward; other chips recompute P."""
+    for chip, training_kernels in (("v5p", {"ipadapter_probs_fwd", "ipadapter_probs_bwd", "ipadapter_ff_dx"}),
                                    ("v5e", {"ipadapter_flash_fwd", "ipadapter_flash_bwd"})):
         grad, args = _training_gradient("tpu", chip)
         assert {name for name, _ in kernel_calls(jax.make_jaxpr(grad)(*args).jaxpr)} == training_kernels, chip
@@ -107,6 +108,7 @@ def test_set_target_makes_static_choices_on_every_module():
     convs = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Conv2d)]
     attentions = [m for _, m in nnx.iter_modules(unet) if isinstance(m, Attention)]
     geglus = [m for _, m in nnx.iter_modules(unet) if isinstance(m, GEGLU)]
+    blocks = [m for _, m in nnx.iter_modules(unet) if isinstance(m, BasicTransformerBlock)]
     norms = [m for _, m in nnx.iter_modules(unet) if isinstance(m, GroupNorm | LayerNorm)]
     assert convs and all(c.for_cpu for c in convs)
     assert geglus and not any(g.recompute_gate for g in geglus)
@@ -115,6 +117,7 @@ def test_set_target_makes_static_choices_on_every_module():
     set_target(unet, "tpu")
     assert not any(c.for_cpu for c in convs)
     assert all(g.recompute_gate for g in geglus)  # the TPU feed-forward backward (models/transformer.py)
+    assert not any(b.fused_feed_forward_grad for b in blocks)  # its kernel: tokens-layout chips only
     assert all(n.recompute_normalized for n in norms)  # and the normalizations' (models/layers.py)
     assert all(a.attention_impl.platform == "tpu" and a.attention_impl.requested == "auto" for a in attentions)
     assert all(a.attention_impl.lanes for a in attentions)
@@ -123,6 +126,7 @@ def test_set_target_makes_static_choices_on_every_module():
     set_target(unet, "tpu", chip="v5p")
     assert not any(a.attention_impl.lanes for a in attentions)
     assert all(a.attention_impl.store_probs and a.attention_impl.tokens for a in attentions)
+    assert all(b.fused_feed_forward_grad for b in blocks)  # models/pallas_feed_forward.py
     with pytest.raises(ConfigError, match="quantum"):
         set_target(unet, "quantum")
 

@@ -173,6 +173,42 @@ def joins_check(topology: str) -> dict:
             "joins": unpriced_joins(compiled.as_text())}
 
 
+def feed_forward_check() -> dict:
+    """SD1.5's 64x64 feed-forward branch (x + FF(LayerNorm(x)), GEGLU) for one v5p chip at 8 per chip, its input
+    gradient with the weights frozen: through the branch's kernel (models/pallas_feed_forward.py) and through XLA's
+    TPU backward (the v6e choice: LayerNorm and GEGLU recomputing), by the compiler's estimate."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ipadapter_jax.models.attention_policy import AttentionPolicy
+    from ipadapter_jax.models.pallas_feed_forward import KERNEL_NAME
+    from ipadapter_jax.models.target import set_target
+    from ipadapter_jax.models.transformer import BasicTransformerBlock
+    from ipadapter_jax.planning import parse_topology
+
+    one = NamedSharding(jax.sharding.Mesh(parse_topology("v5p:2x2x1").devices()[:1], ("data",)), P())
+    x = jax.ShapeDtypeStruct((8, 4096, 320), jnp.bfloat16, sharding=one)
+    out = {"job": "feed forward"}
+    for name, chip in (("kernel", "v5p"), ("xla", "v6e")):
+        block = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768, only_cross_attention=False,
+                                      num_ip_adapters=0, ip_layer=0, attention_impl=AttentionPolicy(),
+                                      dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        set_target(block, "tpu", chip=chip)
+        graphdef, state = nnx.split(block)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), state)
+
+        def loss(x, state, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)._feed_forward_branch(x).astype(jnp.float32) ** 2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(x, state).compile()
+        out[name] = {"optimal_seconds": compiled.cost_analysis()["optimal_seconds"],
+                     "kernel": KERNEL_NAME in compiled.as_text()}
+    return out
+
+
 def main(topology: str) -> None:
     from ipadapter_jax.planning import GenerateSettings, plan_generate, plan_train
     from ipadapter_jax.planning.report import dumps
@@ -182,6 +218,7 @@ def main(topology: str) -> None:
     print(json.dumps(kernel_check("lanes", (2, 1024, 8, 40), lanes=True)), flush=True)
     print(json.dumps(kernel_check("probs", (1, 4096, 2, 40), pad_head=False, store_probs=True)), flush=True)
     print(json.dumps(joins_check(topology)), flush=True)
+    print(json.dumps(feed_forward_check()), flush=True)
     for chip in ("v5p:2x2x1", "v5e:2x2", "v6e:2x2"):
         print(json.dumps(roofline_check(chip)), flush=True)
     for job, kwargs in (("block rows", dict(pad_head=False, store_probs=True)), ("block tokens", dict(tokens=True))):
