@@ -454,6 +454,15 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, block_q: int = 512, block_k: int 
     return jnp.transpose(out[:, :l, :d].reshape(b, h, l, d), (0, 2, 1, 3))
 
 
+def traced_mesh_axes():
+    """(mesh, its axes not already manual, how many devices they span) of the mesh the program is traced under; an
+    empty mesh (no context) spans one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(
+        a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
+    return mesh, axes, math.prod(mesh.shape[a] for a in axes)
+
+
 def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     """`flash_attention` split over the mesh the program is traced under (`jax.set_mesh`), or None when the
     batch and the heads both fail to divide over it (the caller then takes the XLA path).
@@ -464,13 +473,8 @@ def sharded_flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs):
     model compiles for any mesh, and a call deep in the UNet needs no mesh argument threaded to it. Without a
     context mesh the program is taken to run on one device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh, axes, size = traced_mesh_axes()
     kwargs.setdefault("pad_head", False)  # narrow rows unless the caller asks for lanes (see above)
-    axes = () if mesh.empty else tuple(
-        a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
-    size = 1
-    for a in axes:
-        size *= mesh.shape[a]
     if size == 1:
         return flash_attention(q_BLHD, k_BSHD, v_BSHD, **kwargs)
     batch, heads = q_BLHD.shape[0], q_BLHD.shape[2]

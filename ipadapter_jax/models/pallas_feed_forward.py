@@ -24,7 +24,6 @@ W1 fits the kernel's VMEM budget (`fits`: SD1.5's 64x64 level, 320 -> 2 x 1280);
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ipadapter_jax.models.layers import linear, norm_with_stats, normalized_grad
+from ipadapter_jax.models.pallas_attention import traced_mesh_axes
 from ipadapter_jax.models.transformer import _geglu, geglu_grads
 
 KERNEL_NAME = "ipadapter_ff_dx"
@@ -104,10 +104,7 @@ def input_grad(d_geglu_BLF, y_BL2F, w1_C2F, x_BLC, mean_BL1, rstd_BL1, norm_scal
 def sharded_input_grad(*args, interpret: bool = False):
     """`input_grad` split over the batch on the mesh the program is traced under (a Mosaic kernel cannot be
     partitioned by the compiler), or None when the batch does not divide over it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(
-        a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind != jax.sharding.AxisType.Manual)
-    size = math.prod(mesh.shape[a] for a in axes)
+    mesh, axes, size = traced_mesh_axes()
     body = functools.partial(input_grad, interpret=interpret)
     if size == 1:
         return body(*args)
