@@ -77,8 +77,20 @@ def test_the_kernel_split_over_a_mesh_gives_the_same_gradients():
             *map(jnp.asarray, args))
         for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
             assert _rel(g, r) < 1e-5, name
-        odd = (jnp.zeros((3, L, C)),) * 8  # 3 rows over 2 devices: the caller falls back to XLA
+        odd = (jnp.zeros((3, L, C)),) * 8  # 3 rows over 2 devices: the kernel declines
         assert pff.sharded_input_grad(*odd, interpret=True) is None
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_takes_xlas_backward_with_the_same_gradients():
+    args, d_out = _inputs()
+    args[0], d_out = np.concatenate([args[0], args[0][:1]]), np.concatenate([d_out, d_out[:1]])  # 3 rows
+    _, ref_grads = _torch(args, d_out)
+    with jax.set_mesh(Mesh(np.asarray(jax.devices()[:2]), ("data",))):
+        grad = jax.grad(lambda *a: jnp.vdot(_branch(*a), jnp.asarray(d_out)), argnums=range(7))
+        grads = jax.jit(grad)(*map(jnp.asarray, args))
+        assert not [n for n, _ in kernel_calls(jax.make_jaxpr(grad)(*map(jnp.asarray, args)).jaxpr)]
+    for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
+        assert _rel(g, r) < 1e-5, name
 
 
 def _block(chip):
